@@ -162,6 +162,14 @@ class TrainConfig:
     """Source images per step; each step also draws as many target images."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps in total, even mid-epoch (a cap for smoke runs)."""
+    stop_if_chance_after: Optional[int] = None
+    """Stop a run whose best target-validation accuracy is still at chance (at most chance_accuracy)
+    after this many evaluations; null never stops early. Meant for sweeps."""
+    chance_accuracy: float = 15.0
+    """Accuracy in percent that stop_if_chance_after treats as chance (10 classes give 10%)."""
+    max_minutes: Optional[float] = None
+    """Stop after this much wall time (from the start of the run, data loading included), then
+    evaluate and save; null means no limit."""
     resume: Optional[str] = None
     """Path of a checkpoint (last.pt or best.pt) to continue from; its step count and metrics
     history carry on."""

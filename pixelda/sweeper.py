@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import Any, Optional
 import optuna
 from hydra.core.config_store import ConfigStore
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
-from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf, TPESamplerConfig
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig
 
@@ -39,8 +41,21 @@ class PixelDASweeperConf(OptunaSweeperConf):
     _target_: str = "pixelda.sweeper.PixelDASweeper"
 
 
+@dataclass
+class PixelDATPESamplerConf(TPESamplerConfig):
+    """TPE seeded per trial number (TrialSeededTPESampler) with defaults for shared studies."""
+
+    _target_: str = "pixelda.sweeper.TrialSeededTPESampler"
+    seed: Optional[int] = 0
+    n_startup_trials: int = 5
+    # workers that share the study see each other's running trials, so they spread out
+    constant_liar: bool = True
+
+
 def register_sweeper_config() -> None:
-    ConfigStore.instance().store(group="hydra/sweeper", name="pixelda_optuna", node=PixelDASweeperConf, provider="pixelda")
+    store = ConfigStore.instance()
+    store.store(group="hydra/sweeper", name="pixelda_optuna", node=PixelDASweeperConf, provider="pixelda")
+    store.store(group="hydra/sweeper/sampler", name="pixelda_tpe", node=PixelDATPESamplerConf, provider="pixelda")
 
 
 register_sweeper_config()
@@ -81,6 +96,25 @@ def open_parent_run(client, experiment_id: str, study_name: str, storage: str, s
     return mine
 
 
+def open_shared_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Open a database storage that other machines may be creating at the same moment.
+
+    Two workers that find an empty database both create Optuna's tables, and one of them fails
+    (PostgreSQL: UniqueViolation). By the retry the tables exist, so it succeeds.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except SQLAlchemyError as err:
+            if attempt == attempts - 1:
+                raise
+            log.warning("opening Optuna storage failed (%s); retry %d", type(err).__name__, attempt + 1)
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 class PixelDASweeperImpl(OptunaSweeperImpl):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -96,16 +130,24 @@ class PixelDASweeperImpl(OptunaSweeperImpl):
         return [tuple(o) + tuple(extra) + (f"tracking.trial_number={t.number}",) for o, t in zip(overrides, trials)]
 
     def sweep(self, arguments: list[str]) -> None:
-        from pixelda.tracking import get_client, get_or_create_experiment
+        from pixelda.tracking import file_lock, get_client, get_or_create_experiment
 
         ensure_sqlite_folder(self.storage)
+        self.storage_url = str(self.storage)
+        if self.storage_url.startswith("sqlite:///"):
+            # Several workers write to one SQLite file: they wait for its write lock instead of failing
+            # after SQLite's 5 s, and the first one alone creates the tables.
+            with file_lock(Path(self.storage_url[len("sqlite:///"):]).expanduser()):
+                self.storage = optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 120}})
+        elif "://" in self.storage_url:
+            self.storage = open_shared_storage(self.storage_url)
         if self.study_name is None:
             raise ValueError("hydra.sweeper.study_name is not set; name the study so that workers and resumed sweeps share it")
         tracking = self.config.tracking
         client = get_client(tracking.uri)
         experiment_id = get_or_create_experiment(client, tracking.experiment)
         search_space = dict(self.params or {})
-        self.parent_run_id = open_parent_run(client, experiment_id, self.study_name, str(self.storage), search_space)
+        self.parent_run_id = open_parent_run(client, experiment_id, self.study_name, self.storage_url, search_space)
         log.info("MLflow parent run %s in experiment %s", self.parent_run_id, tracking.experiment)
 
         try:
@@ -174,12 +216,34 @@ class PixelDASweeperImpl(OptunaSweeperImpl):
                 logger.log_artifact(Path(folder) / name, "optuna")
 
 
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random draws for trial n depend only on (seed, n).
+
+    Workers that share a study draw trials with different numbers, so their seeded samplers do not
+    propose the same params, and a single worker stays reproducible. It reseeds TPESampler's
+    private generators (_rng, _random_sampler._rng, as in Optuna 4.x-5.x); without them it falls
+    back to plain TPE.
+    """
+
+    def __init__(self, *args, seed: Optional[int] = None, **kwargs):
+        super().__init__(*args, seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial) -> None:
+        if self._base_seed is not None and hasattr(self, "_rng") and hasattr(self, "_random_sampler"):
+            seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
+            self._rng.rng.seed(seed)
+            self._random_sampler._rng.rng.seed((seed + 1) % 2**32)
+        super().before_trial(study, trial)
+
+
 class PixelDASweeper(OptunaSweeper):
     """The Optuna sweeper plugin with pixelda's MLflow integration (PixelDASweeperImpl)."""
 
     def __init__(self, sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                  custom_search_space, params) -> None:
-        super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space, params)
-        inner = self.sweeper
-        self.sweeper = PixelDASweeperImpl(inner.sampler, direction, storage, study_name, n_trials, n_jobs,
+        # the same samplers as the optuna sweeper allows, plus TrialSeededTPESampler
+        sampler = instantiate(sampler, _execution_whitelist_=(
+            "hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*", "pixelda.sweeper.*"))
+        self.sweeper = PixelDASweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
                                           max_failure_rate, custom_search_space, params)

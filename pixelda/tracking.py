@@ -6,12 +6,14 @@ its parent run open in the same process while trials log child runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
@@ -65,6 +67,11 @@ def artifact_root_for(uri: str) -> Optional[str]:
 
 
 def get_client(uri: str) -> MlflowClient:
+    """Return a client for the tracking URI, creating a SQLite store's tables first if needed.
+
+    Workers that start together would otherwise run MLflow's schema migrations on the same new
+    SQLite file at once; an exclusive lock on <file>.lock lets one of them create the tables.
+    """
     uri = resolve_tracking_uri(uri)
     scheme = urlparse(uri).scheme
     if scheme in ("", "file"):
@@ -72,7 +79,22 @@ def get_client(uri: str) -> MlflowClient:
             f"tracking.uri={uri} is a plain file store, which MLflow 3.13 and later reject; "
             "use sqlite:///mlruns/mlflow.db or the URL of an MLflow server"
         )
-    return MlflowClient(tracking_uri=uri)
+    if scheme != "sqlite":
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(Path(uri[len("sqlite:///"):])):  # the constructor creates or migrates the tables
+        return retry_locked(lambda: MlflowClient(tracking_uri=uri), "store initialisation")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on <path>.lock, so that one process at a time creates a database's tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:

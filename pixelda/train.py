@@ -31,11 +31,12 @@ from pixelda.checkpoint import CHECKPOINT_FORMAT, check_same_model, load_checkpo
 from pixelda.config import register_configs
 from pixelda.data import SPLIT_NAMES, BatchStream, Splits, build_splits, random_shift, to_model_input
 from pixelda.errors import TrainingDiverged, UserError, report_user_errors
-from pixelda.figures import save_translation_grid
+from pixelda.diagnostics import final_figures
+from pixelda.figures import save_curves, save_data_preview, save_translation_grid
 from pixelda.model import build_networks
 from pixelda.runtime import StopRequest, accuracy, autocast, pick_device, resolve_precision
 from pixelda.steps import GAN_LOSSES, STAT_NAMES, ClassifierStep, PixelDAStep, WeightAverage, lr_multiplier
-from pixelda.tracking import RunLogger
+from pixelda.tracking import RunLogger, run_name_from_overrides
 
 log = logging.getLogger("pixelda.train")
 
@@ -251,7 +252,7 @@ def load_data(cfg: DictConfig, device: torch.device) -> Splits:
 
 
 def checkpoint_state(cfg: DictConfig, parts: TrainingParts, step: int, steps_per_epoch: int,
-                     history: list, best: dict, device: torch.device, run_id: str) -> dict:
+                     history: list, best: dict, device: torch.device, run_id: str, loss_history: list) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -259,6 +260,7 @@ def checkpoint_state(cfg: DictConfig, parts: TrainingParts, step: int, steps_per
         "step": step,
         "epoch": step // steps_per_epoch,
         "history": history,
+        "loss_history": loss_history,
         "best": best,
         "rng": capture_rng(device),
         "mlflow_run_id": run_id,
@@ -267,6 +269,7 @@ def checkpoint_state(cfg: DictConfig, parts: TrainingParts, step: int, steps_per
 
 def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
     """Run one training and return the best target-validation accuracy in percent."""
+    run_started = time.perf_counter()
     overrides = list(overrides or [])
     validate_config(cfg)
     device = pick_device(cfg.device)
@@ -290,7 +293,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
     update = parts.update
 
     # resume: weights, optimizer moments, step, metrics history and RNG states
-    step, history, best, run_id = 0, [], {"value": -1.0, "step": -1}, None
+    step, history, loss_history, best, run_id = 0, [], [], {"value": -1.0, "step": -1}, None
     if cfg.train.resume:
         state = load_checkpoint(cfg.train.resume)
         check_same_model(state, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.resume)
@@ -298,6 +301,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
             raise UserError(f"checkpoint {cfg.train.resume} was trained with mode={state['config']['mode']}; pass mode={state['config']['mode']} to resume it")
         parts.load_state(state)
         step, history, best, run_id = state["step"], state["history"], state["best"], state.get("mlflow_run_id")
+        loss_history = state.get("loss_history", [])
         restore_rng(state["rng"], device)
         log.info("resumed from %s at step %d (epoch %d)", cfg.train.resume, step, step // steps_per_epoch)
         if step >= total_steps:
@@ -306,6 +310,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
 
     # tracking: reopen the resumed run when this store has it, else a new run that gets the history
     tracker, is_new_run = RunLogger.start(cfg, overrides, resume_run_id=run_id)
+    run_title = (cfg.tracking.run_name or run_name_from_overrides(overrides))[:90]
     if not is_new_run:
         log.info("continuing MLflow run %s", tracker.run_id)
     for entry in history if is_new_run else []:
@@ -316,14 +321,22 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
             tracker.log_artifacts(hydra_dir, "hydra")
     tracker.set_tags({"pixelda.steps_per_epoch": steps_per_epoch})
     checkpoint_dir = Path(cfg.train.checkpoint_dir)
+    figure_dir = checkpoint_dir.parent / "figures"
 
     # fixed inputs of the translation grid, so that grids of different evaluations compare
-    grid = None
-    if cfg.mode == "pixelda":
-        shown = splits.source_test if len(splits.source_test) else splits.source_train
-        count = min(cfg.train.grid_size, len(shown), len(splits.target_val))
-        noise = torch.rand(count, cfg.model.generator.noise_dim, generator=torch.Generator().manual_seed(cfg.seed))
-        grid = (as_input(shown.images[:count]), (noise * 2 - 1).to(device), as_input(splits.target_val.images[:count]))
+    shown = splits.source_test if len(splits.source_test) else splits.source_train
+    count = min(cfg.train.grid_size, len(shown), len(splits.target_val))
+    noise = torch.rand(count, cfg.model.generator.noise_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    grid = (as_input(shown.images[:count]), (noise * 2 - 1).to(device), as_input(splits.target_val.images[:count]))
+    if is_new_run:
+        preview = save_data_preview(as_input(splits.source_train.images[:count]), as_input(splits.target_train.images[:count]),
+                                    figure_dir / "data_preview.png",
+                                    f"data={cfg.data.name}: source train (top) and target train (bottom)")
+        tracker.log_artifact(preview, "figures")
+
+    def save_state(name: str) -> None:
+        state = checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id, loss_history)
+        save_checkpoint(state, checkpoint_dir / name)
 
     def evaluate_now() -> dict:
         T = parts.eval_net("T")
@@ -333,9 +346,12 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
             "val/target_acc": accuracy(T, splits.target_val, *eval_args),
             "test/target_acc": accuracy(T, splits.target_test, *eval_args),
         }
+        # the domain gap: how much T loses when moving from the source to the target domain
         if metrics["test/source_acc"] is not None and metrics["test/target_acc"] is not None:
             metrics["test/domain_gap"] = metrics["test/source_acc"] - metrics["test/target_acc"]
-        if grid is not None:
+        if metrics["test/source_acc"] is not None:
+            metrics["val/domain_gap"] = metrics["test/source_acc"] - metrics["val/target_acc"]
+        if cfg.mode == "pixelda":
             G = parts.eval_net("G")
             G.eval()
             with torch.inference_mode(), autocast(device, amp_dtype):
@@ -348,11 +364,14 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         return metrics
 
     status = "FAILED"
+    out_of_time = False
+    # the budget covers everything from here on; the last evaluation and checkpoint may run past it
+    time_budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60
     try:
         with StopRequest() as stop:
             for net in parts.nets.values():
                 net.train()
-            while step < total_steps and stop.signal_name is None:
+            while step < total_steps and stop.signal_name is None and not out_of_time:
                 epoch = step // steps_per_epoch
                 epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
                 sums = torch.zeros(len(STAT_NAMES), device=device)
@@ -361,7 +380,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                 bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                            disable=None if cfg.train.progress else True, dynamic_ncols=True)
 
-                while step < epoch_end and stop.signal_name is None:
+                while step < epoch_end and stop.signal_name is None and not out_of_time:
                     # one step: batches of B images (and noise), then the mode's updates
                     update.progress, update.step_index = step / total_steps, step
                     stats = update(*batches(step))
@@ -373,6 +392,10 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                     interval += 1
                     epoch_steps += 1
                     bar.update(1)
+                    if time_budget is not None and time.perf_counter() - run_started > time_budget:
+                        out_of_time = True
+                        log.warning("stopping at step %d: train.max_minutes=%s is used up", step, cfg.train.max_minutes)
+                        tracker.set_tags({"pixelda.stopped_by": "train.max_minutes"})
 
                     # logging: one device sync per interval, which is also where divergence is caught
                     if interval == cfg.train.log_every or step == epoch_end:
@@ -382,12 +405,13 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                             raise TrainingDiverged(f"a loss became non-finite by step {step}: {shown}")
                         last = {n: v for n, v in zip(STAT_NAMES, values) if cfg.mode == "pixelda" or n == "loss_t"}
                         tracker.log_metrics({f"train/{n}": v for n, v in last.items()}, step=step)
+                        loss_history.append({"step": step, **{f"train/{n}": v for n, v in last.items()}})
                         bar.set_postfix({n: f"{v:.4f}" for n, v in last.items()}, refresh=False)
                         sums.zero_()
                         interval = 0
                 bar.close()
-                if step % steps_per_epoch != 0 and step < total_steps:
-                    break  # stopped by a signal mid-epoch
+                if stop.signal_name is not None and step % steps_per_epoch != 0:
+                    break  # stopped by a signal mid-epoch: save, but do not evaluate
 
                 # evaluate in eval mode at the end of each epoch (and at the final step), then checkpoint
                 rate = epoch_steps * batch_size / max(time.perf_counter() - started, 1e-9)
@@ -398,17 +422,30 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                     # keep the test accuracies of the model that best.pt holds, for reports
                     best = {"value": metrics["val/target_acc"], "step": step}
                     best.update({f"{k}_at_best": metrics[k] for k in ("test/target_acc", "test/source_acc") if metrics[k] is not None})
-                    save_checkpoint(checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id), checkpoint_dir / "best.pt")
+                    save_state("best.pt")
                 metrics["val/best_target_acc"] = best["value"]
                 metrics.update({k: v for k, v in best.items() if k.endswith("_at_best")})
                 tracker.log_metrics({**metrics, "epoch": step / steps_per_epoch}, step=step)
-                save_checkpoint(checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id), checkpoint_dir / "last.pt")
+                save_state("last.pt")
                 mean = dict(zip(STAT_NAMES, (epoch_sums / max(epoch_steps, 1)).tolist()))
                 log.info(format_line(math.ceil(step / steps_per_epoch), cfg.train.epochs, step, last, mean, metrics, best["value"], rate))
+                curves = save_curves(loss_history, history, figure_dir / "curves.png", f"{run_title}: losses and accuracies")
+                tracker.log_artifact(curves, "figures")
+                patience = cfg.train.stop_if_chance_after
+                if patience is not None and len(history) >= patience and best["value"] <= cfg.train.chance_accuracy:
+                    log.warning("stopping early: target validation is still at chance (best %.2f%% <= %.1f%%) after %d evaluations",
+                                best["value"], cfg.train.chance_accuracy, len(history))
+                    tracker.set_tags({"pixelda.stopped_by": "train.stop_if_chance_after"})
+                    break
 
             if stop.signal_name is not None:
-                save_checkpoint(checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id), checkpoint_dir / "last.pt")
+                save_state("last.pt")
             status = "KILLED" if stop.signal_name is not None else "FINISHED"
+            if status == "FINISHED" and (checkpoint_dir / "best.pt").is_file():
+                best_state = load_checkpoint(checkpoint_dir / "best.pt")
+                for path in final_figures(best_state, cfg.model, splits, grid[0], grid[1], figure_dir, device, amp_dtype,
+                                          cfg.train.eval_batch_size):
+                    tracker.log_artifact(path, "figures")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -437,7 +474,8 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         group_dir = conf_dir / key
-        if not sep or "." in key or not group_dir.is_dir() or "(" in value:
+        # hydra/... groups also have options that plugins register in code, so Hydra checks those
+        if not sep or "." in key or "/" in key or not group_dir.is_dir() or "(" in value:
             continue
         options = sorted(p.stem for p in group_dir.glob("*.yaml"))
         for choice in value.split(","):
@@ -452,7 +490,11 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     with report_user_errors(reraise=hydra_cfg.mode == RunMode.MULTIRUN):
-        return train(cfg, overrides=list(hydra_cfg.overrides.task))
+        best = train(cfg, overrides=list(hydra_cfg.overrides.task))
+    # some versions of the Optuna sweeper crash on a NaN objective, so never hand one over
+    if not math.isfinite(best):
+        raise TrainingDiverged(f"the best target-validation accuracy is {best}")
+    return best
 
 
 if __name__ == "__main__":
