@@ -7,7 +7,7 @@ PORT ?= 5000
 # Extra Hydra overrides, e.g. make train ARGS="train.epochs=2"
 ARGS ?=
 
-.PHONY: install train test ui
+.PHONY: install train test ui bench
 
 install: $(STAMP)
 
@@ -26,3 +26,6 @@ test: $(STAMP)
 ui: $(STAMP)
 	mkdir -p mlruns
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(ARGS)

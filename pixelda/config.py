@@ -122,7 +122,7 @@ class DataConfig:
     root: str = "data"
     """Folder that the domain paths are relative to; a relative root is taken from the launch folder."""
     cache_dir: str = "${oc.env:PIXELDA_CACHE_DIR,'~/.cache/pixelda'}"
-    """Where decoded MNIST-M folders and generated MNIST-M images are cached as .npz files."""
+    """Cache folder for decoded MNIST-M folders and generated MNIST-M images (.npz files)."""
     source: DomainConfig = field(default_factory=DomainConfig)
     """The labelled source domain (MNIST)."""
     target: DomainConfig = field(default_factory=lambda: DomainConfig(format="mnistm_folder"))
@@ -132,7 +132,7 @@ class DataConfig:
     source_test: SplitConfig = field(default_factory=SplitConfig)
     """Source images for reporting T's accuracy on the source domain."""
     target_train: SplitConfig = field(default_factory=SplitConfig)
-    """Target images that D sees as real; their labels are never read (except by mode=target_only)."""
+    """Target images that D treats as real; only mode=target_only reads their labels."""
     target_val: SplitConfig = field(default_factory=SplitConfig)
     """Labelled target images for model selection and sweep objectives."""
     target_test: SplitConfig = field(default_factory=SplitConfig)

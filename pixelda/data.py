@@ -60,7 +60,7 @@ class Split:
 
 @dataclass
 class Splits:
-    """The five splits of a run; target_train carries no labels unless mode=target_only asks."""
+    """The five splits of a run; target_train has labels only for mode=target_only."""
 
     source_train: Split
     source_test: Split
@@ -202,7 +202,7 @@ def read_pickle(path: Path) -> dict[str, Part]:
         raise UserError(f"cannot unpickle {path} ({err}); the file is corrupt or not a pickle") from None
 
     if not isinstance(content, dict):
-        raise UserError(f"{path} holds a {type(content).__name__}; expected a dict with images and labels keys")
+        raise UserError(f"{path} contains a {type(content).__name__}; expected a dict with images and labels keys")
     flat = _pickle_part(content, path)
     if flat is not None:
         return {"all": flat}
@@ -315,7 +315,7 @@ def generate_mnistm(digits: Part, photos_source: str, seed: int, root: Path, cac
 
 
 def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """The size_out x size_in matrix of 1-D bilinear resizing (align_corners=False, as F.interpolate)."""
+    """Return the size_out x size_in matrix of 1-D bilinear resizing (align_corners=False, as F.interpolate)."""
     identity = torch.eye(size_in).view(1, 1, size_in, size_in)
     return F.interpolate(identity, size=(size_out, size_in), mode="bilinear", align_corners=False)[0, 0]
 
@@ -443,7 +443,7 @@ def _locations(data_cfg) -> tuple[Path, Optional[Path]]:
     cache_dir = Path(os.path.expanduser(data_cfg.cache_dir)) if data_cfg.cache_dir else None
     needs_root = {data_cfg.source.format, data_cfg.target.format} & {"mnist_idx", "mnistm_folder", "pickle"}
     if needs_root and not root.is_dir():
-        raise UserError(f"data folder not found: {root} (data.root={data_cfg.root}); set data.root to the folder that holds the MNIST and MNIST-M files")
+        raise UserError(f"data folder not found: {root} (data.root={data_cfg.root}); set data.root to the folder that contains MNIST/ and mnist_m/")
     return root, cache_dir
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 class UserError(Exception):
     """A mistake in the user's input: a bad value, a missing file or a corrupt download.
 
-    The message names the offending value and says how to fix it. The entry points print it as
+    The message names the offending value and the fix. The entry points print it as
     one line and exit with status 2.
     """
 

@@ -2,6 +2,7 @@
 
     python -m pixelda.evaluate checkpoint=outputs/runs/.../checkpoints/best.pt
     python -m pixelda.evaluate checkpoint=PATH split=target_val
+    python -m pixelda.evaluate checkpoint=PATH split=auto    # target test, or validation when test is empty
     python -m pixelda.evaluate checkpoint=PATH folder=/data/mnist_m
 
 Without folder=, the split comes from the data preset stored in the checkpoint (data_root=DIR points
@@ -52,13 +53,18 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         if cfg.data_root:
             run_cfg.data.root = cfg.data_root
-        split = load_split(run_cfg.data, cfg.split)
+        name = "target_test" if cfg.split == "auto" else cfg.split
+        split = load_split(run_cfg.data, name)
+        if len(split) == 0 and cfg.split == "auto":
+            log.warning("the target test split is empty under %s, so target validation is scored", run_cfg.data.root)
+            name = "target_val"
+            split = load_split(run_cfg.data, name)
         if len(split) == 0:
             raise UserError(
-                f"split {cfg.split} of data={run_cfg.data.name} is empty under {run_cfg.data.root}; "
+                f"split {name} of data={run_cfg.data.name} is empty under {run_cfg.data.root}; "
                 "pass split=target_val, or folder=DIR to score an MNIST-M folder"
             )
-        result["split"] = cfg.split
+        result["split"] = name
 
     correct, count = count_correct(classifier, split, cfg.batch_size, device, dtype)
     log.info("%d of %d correct", correct, count)

@@ -74,8 +74,8 @@ def save_data_preview(source: torch.Tensor, target: torch.Tensor, path: Path, ti
 def save_curves(loss_history: Sequence[dict], eval_history: Sequence[dict], path: Path, title: str) -> Path:
     """Plot each training loss and the accuracies against the step.
 
-    loss_history holds {"step", "train/loss_d", ...} per log interval; eval_history holds
-    {"step", "val/target_acc", ...} per evaluation.
+    loss_history has one dict {"step", "train/loss_d", ...} per log interval, and eval_history one
+    dict {"step", "val/target_acc", ...} per evaluation.
     """
     losses = [("train/loss_d", "loss of D"), ("train/loss_t", "loss of T"), ("train/loss_g", "loss of G")]
     losses = [(key, name) for key, name in losses if any(key in entry for entry in loss_history)]

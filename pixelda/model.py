@@ -73,8 +73,8 @@ def random_like(x: torch.Tensor, kind: str) -> torch.Tensor:
 
     PyTorch fills a CPU tensor from one generator on one core, which made D's noise and dropout a
     quarter of a CPU training step. Large CPU tensors are therefore split into one chunk per
-    intra-op thread, each filled by its own generator; the generators' seeds come from the global
-    RNG, so torch.manual_seed still fixes the result. Other devices use their native kernels.
+    intra-op thread, and each chunk is filled by its own generator. The generators' seeds come from
+    the global RNG, so torch.manual_seed still fixes the result. Other devices use their native kernels.
     """
     global _random_pool
     # PyTorch's CPU generator fills float32 faster than bfloat16
@@ -155,7 +155,7 @@ class Classifier(nn.Module):
     """T: two 5x5 conv layers with max pooling, then three fully connected layers.
 
     With private_first_layer, source images go through their own first convolution and translated
-    or target images through another, as in the PixelDA paper; every later layer is shared.
+    or target images through another, as in the PixelDA paper. Every later layer is shared.
     batchnorm adds BatchNorm after each convolution and hidden layer.
     """
 

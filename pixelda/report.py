@@ -47,7 +47,7 @@ def domain_gaps(row: Row) -> list[float]:
 
 
 def table(rows: list[Row], keys: list[str]) -> list[str]:
-    """The paper-style Markdown table, one line per configuration."""
+    """Format the paper-style Markdown table, one line per configuration."""
     extra = [k for k in keys if k != "mode"]
     header = ["mode", *extra, "runs", "target validation % (best)", "target test % (at best)",
               "source test % (at best)", "domain gap % (source - target)"]

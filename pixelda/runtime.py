@@ -39,7 +39,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX), which make bf16 autocast pay off."""
+    """Return whether this CPU has native bf16 dot products (AVX512-BF16 or AMX), which make bf16 autocast pay off."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -91,8 +91,8 @@ class WeightAverage:
 class PixelDAStep:
     """The alternating D, T and G updates on one source batch and one target batch.
 
-    G, D and T may be torch.compile wrappers; `modules` holds the plain modules, whose parameters
-    are frozen during G's update and clipped. The loop sets `progress` (0 to 1, anneals instance
+    G, D and T may be torch.compile wrappers. `modules` maps names to the plain modules, whose
+    parameters are frozen during G's update and clipped. The loop sets `progress` (0 to 1, anneals instance
     noise) and `step_index` (starts self-training) before each call.
     """
 

@@ -130,7 +130,7 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 
 
 def git_commit() -> Optional[str]:
-    """The commit of the pixelda checkout, or None outside a git work tree."""
+    """Return the commit of the pixelda checkout, or None outside a git work tree."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,

@@ -5,8 +5,9 @@
 
 Each step draws a source batch (x_s, y_s) and, independently, a target batch x_t, then updates D,
 T and G in that order. After every epoch T is evaluated in eval mode on source test, target
-validation and target test; best.pt follows target validation and last.pt the latest state.
-The task function returns the best target-validation accuracy, the value that sweeps maximize.
+validation and target test. best.pt keeps the state with the best target validation, and last.pt
+the latest one. The task function returns the best target-validation accuracy, the value that
+sweeps maximize.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail late or silently train something else."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown mode '{cfg.mode}'; use one of {', '.join(MODES)}")
+
     for key in ("alpha", "beta", "g_loss_weight"):
         value = cfg.loss[key]
         if not math.isfinite(value) or value < 0:
@@ -65,6 +67,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{key}={value} is invalid; it must be a positive integer")
+
     train_cfg, loss = cfg.train, cfg.loss
     for key in ("d_updates", "g_updates", "t_updates", "lr_decay_steps"):
         if train_cfg[key] < 1:
@@ -85,6 +88,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(f"loss.{key}={loss[key]} is invalid; it must be finite and >= 0")
     if train_cfg.augment_shift < 0 or (train_cfg.grad_clip is not None and train_cfg.grad_clip <= 0):
         raise UserError(f"train.augment_shift={train_cfg.augment_shift} and train.grad_clip={train_cfg.grad_clip} must be >= 0 and > 0 (or null)")
+
     if cfg.optimizer is None or "_target_" not in cfg.optimizer:
         raise UserError("optimizer has no _target_; choose a preset such as optimizer=adam")
 
@@ -108,7 +112,7 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 def format_line(epoch: int, epochs: int, step: int, last: dict, mean: dict, metrics: dict, best: float, rate: float) -> str:
-    """One fixed-width epoch line: each loss as the last log interval's value (the epoch's mean)."""
+    """Format the fixed-width epoch line; each loss shows the last log interval's value and the epoch's mean."""
     def pct(value: Optional[float]) -> str:
         return "   n/a " if value is None else f"{value:6.2f}%"
 
@@ -141,7 +145,7 @@ class TrainingParts:
     """One training step: PixelDAStep or ClassifierStep."""
 
     def eval_net(self, name: str) -> nn.Module:
-        """The network to evaluate, translate and export: the weight average when there is one."""
+        """Return the network to evaluate, translate and export: its weight average when there is one."""
         return self.averages[name].module if name in self.averages else self.run_nets[name]
 
     def state(self) -> dict:
@@ -277,7 +281,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
     torch.manual_seed(cfg.seed)
     log.info("device %s, precision %s, mode %s", device, "fp32" if amp_dtype is None else "bf16 autocast", cfg.mode)
 
-    # data: uint8 tensors on the device; PixelDA draws source and target batches independently
+    # data: uint8 tensors on the device. PixelDA draws source and target batches independently.
     splits = load_data(cfg, device)
     batches = StepInputs(splits, cfg.mode, cfg.train.batch_size, cfg.seed, cfg.model.generator.noise_dim, device,
                          cfg.train.augment_shift)
@@ -288,7 +292,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         total_steps = min(total_steps, cfg.train.max_steps)
     as_input = batches.as_input
 
-    # networks, optimizers and the update of one step; source_only and target_only train T alone
+    # networks, optimizers and the update of one step (source_only and target_only train T alone)
     parts = build_training(cfg, device, amp_dtype, total_steps)
     update = parts.update
 
@@ -398,11 +402,11 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                         tracker.set_tags({"pixelda.stopped_by": "train.max_minutes"})
 
                     # logging: one device sync per interval, which is also where divergence is caught
-                    if interval == cfg.train.log_every or step == epoch_end:
+                    if interval == cfg.train.log_every or step == epoch_end or out_of_time or stop.signal_name:
                         values = (sums / interval).tolist()
                         if not all(math.isfinite(v) for v in values):
-                            shown = ", ".join(f"{n}={v:.4g}" for n, v in zip(STAT_NAMES, values))
-                            raise TrainingDiverged(f"a loss became non-finite by step {step}: {shown}")
+                            listed = ", ".join(f"{n}={v:.4g}" for n, v in zip(STAT_NAMES, values))
+                            raise TrainingDiverged(f"a loss became non-finite by step {step}: {listed}")
                         last = {n: v for n, v in zip(STAT_NAMES, values) if cfg.mode == "pixelda" or n == "loss_t"}
                         tracker.log_metrics({f"train/{n}": v for n, v in last.items()}, step=step)
                         loss_history.append({"step": step, **{f"train/{n}": v for n, v in last.items()}})

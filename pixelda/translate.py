@@ -3,11 +3,11 @@
     python -m pixelda.translate checkpoint=PATH input=my_digits/ output=translated/
     python -m pixelda.translate checkpoint=PATH input=source_test output=translated/ limit=100
 
-A folder input takes every PNG and JPG in it (any size, grey or colour): each image is turned grey,
-inverted when its border is bright (MNIST digits are light on a dark background), resized to
-32 x 32 and translated with seeded noise. A split input (source_train, source_test, ...) reads that
+A folder input takes every PNG and JPG in it, of any size, grey or colour. Each image is turned
+grey and resized to 32 x 32, inverted when its border is bright (MNIST digits are light on a dark
+background), and translated with seeded noise. A split input (source_train, source_test, ...) reads that
 split of the checkpoint's data preset. Each output keeps its input's name; split outputs are named
-<split>_<index>_label<y>.png. The last line printed says how many images were written.
+<split>_<index>_label<y>.png. The last line of output gives the number of images written.
 """
 
 from __future__ import annotations

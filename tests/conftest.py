@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import pixelda.train  # noqa: F401  (registers the config schema)
 
@@ -153,15 +153,3 @@ def small_protocol_overrides(root: Path) -> list[str]:
         "data.target_test.start=32",
         "data.target_test.stop=40",
     ]
-
-
-def with_keys(cfg: DictConfig, **values) -> DictConfig:
-    """Set dotted keys on a composed config (for values that overrides cannot express)."""
-    with open_dict(cfg):
-        for key, value in values.items():
-            node = cfg
-            *parents, leaf = key.split("__")
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
-    return cfg

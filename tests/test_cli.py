@@ -164,5 +164,8 @@ def test_evaluate_shared_small_protocol(tmp_path, cache_dir, cli_overrides, shar
     assert_user_error(empty, "target_test", "split=target_val")
     val = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_val", cwd=tmp_path, cache_dir=cache_dir)
     assert json.loads(val.stdout)["count"] == 1000
+    auto = json.loads(run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=auto", cwd=tmp_path, cache_dir=cache_dir).stdout)
+    assert auto["split"] == "target_val"
+    assert auto["accuracy"] == json.loads(val.stdout)["accuracy"]
     folder = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", f"folder={shared_data / 'mnist_m'}", cwd=tmp_path, cache_dir=cache_dir)
     assert json.loads(folder.stdout)["count"] == 7000

@@ -27,6 +27,13 @@ from conftest import TINY, compose_config, run_cli
 pytestmark = pytest.mark.server
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip, unless PIXELDA_REQUIRE_SERVERS is set (as .ci/run does), where a missing server is a failure."""
+    if os.environ.get("PIXELDA_REQUIRE_SERVERS"):
+        pytest.fail(f"{reason}, but PIXELDA_REQUIRE_SERVERS is set")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -34,8 +41,9 @@ def free_port() -> int:
 
 
 def postgres_binary(name: str):
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]
-    return found[0] if isinstance(found, list) and found else (found or None)
+    """Path of a PostgreSQL server program: on PATH, or where Debian's packages put it."""
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return shutil.which(name) or (candidates[-1] if candidates else None)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +51,12 @@ def postgres_url():
     """Start a throwaway PostgreSQL cluster on 127.0.0.1 and return the URL of a fresh database."""
     initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
     if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found")
     folder = Path(tempfile.mkdtemp(prefix="pixelda-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser to start PostgreSQL as another user")
+            skip_or_fail("running as root without runuser to start PostgreSQL as another user")
         shutil.chown(folder, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", free_port()
@@ -70,7 +78,7 @@ def mlflow_server(tmp_path_factory):
     """Start `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder."""
     mlflow = Path(sys.executable).with_name("mlflow")
     if not mlflow.exists():
-        pytest.skip("the mlflow command is not installed next to this Python")
+        skip_or_fail("the mlflow command is not installed next to this Python")
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -112,7 +120,7 @@ def test_slurm_launcher_config_composes():
     assert compose_config(["sweep=loss_weights"]).tracking.experiment == "sweep_loss_weights"
 
 
-def test_sweep_on_postgres_and_mlflow_server_through_submitit(tmp_path, cache_dir, postgres_url, mlflow_server):
+def test_sweep_across_shared_servers(tmp_path, cache_dir, postgres_url, mlflow_server):
     args = ["--multirun", "sweep=loss_weights", *TINY, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
             f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=cluster", "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2", f"tracking.uri={mlflow_server}", f"hydra.sweep.dir={tmp_path}/sweep0"]

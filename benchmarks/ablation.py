@@ -1,0 +1,128 @@
+"""Run the accuracy ablation at a fixed wall-time budget and print its Markdown table.
+
+    python benchmarks/ablation.py --data-root ../shared/data --minutes 10 --seeds 0 1
+    python benchmarks/ablation.py --table-only          # the table from the runs already logged
+
+Every row is `python -m pixelda.train` on the small MNIST -> MNIST-M protocol with the row's
+overrides, stopped by train.max_minutes, once per seed. The seeds of a row run side by side with
+one CPU thread each, so on a 2-core machine each run has one core for the budget. Runs are logged to the
+MLflow experiment `ablation` with the row name as run name; a row/seed pair that already has a
+finished run is not run again, so an interrupted ablation resumes. The table gives each row's best
+target-validation accuracy (mean +- std over seeds), its wall time and whether the recipe uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = "ablation"
+# G and D with 32 filters instead of 64: the base that every lever below is added to, alone.
+FAST = ["model.generator.filters=32", "model.discriminator.filters=32"]
+WIDE_T = ["model.classifier.conv1=64", "model.classifier.conv2=128", "model.classifier.hidden=256"]
+
+# name -> (overrides, group, in the recipe)
+ROWS: dict[str, tuple[list[str], str, bool]] = {
+    "reference (notebook settings)": ([], "reference", False),
+    "source only (reference T)": (["mode=source_only"], "reference", False),
+    "G and D with 32 filters (base)": (FAST, "architecture", True),
+    "+ content loss (PMSE, 0.05)": (FAST + ["loss.content_weight=0.05"], "paper", False),
+    "+ cosine learning-rate decay": (FAST + ["train.lr_schedule=cosine"], "paper", False),
+    "+ 10-d noise": (FAST + ["model.generator.noise_dim=10"], "paper", False),
+    "+ D with BatchNorm": (FAST + ["model.discriminator.batchnorm=true"], "paper", False),
+    "+ private first layer of T": (FAST + ["model.classifier.private_first_layer=true"], "paper", False),
+    "+ gradient clipping (5)": (FAST + ["train.grad_clip=5"], "paper", False),
+    "+ label smoothing (0.1)": (FAST + ["loss.label_smoothing=0.1"], "GAN", False),
+    "+ 2 D updates per step": (FAST + ["train.d_updates=2"], "GAN", False),
+    "+ instance noise (0.1)": (FAST + ["loss.instance_noise=0.1"], "GAN", False),
+    "+ least-squares GAN loss": (FAST + ["loss.gan=lsgan"], "GAN", False),
+    "+ hinge GAN loss": (FAST + ["loss.gan=hinge"], "GAN", False),
+    "+ D learning rate 2e-4": (FAST + ["net_optimizer.D.lr=0.0002"], "optimisation", False),
+    "+ batch size 64": (FAST + ["train.batch_size=64"], "optimisation", False),
+    "+ 2 T updates per step": (FAST + ["train.t_updates=2"], "optimisation", False),
+    "+ EMA of G and T (0.999)": (FAST + ["train.ema_decay=0.999"], "optimisation", False),
+    "+ wide T (64-128-256)": (FAST + WIDE_T, "architecture", False),
+    "+ T with BatchNorm": (FAST + ["model.classifier.batchnorm=true"], "architecture", False),
+    "+ G with 3 blocks": (FAST + ["model.generator.blocks=3"], "architecture", False),
+    "+ shifted source images (2 px)": (FAST + ["train.augment_shift=2"], "augmentation", False),
+    "+ self-training (beyond PixelDA)": (FAST + ["loss.self_training_weight=1", "loss.self_training_threshold=0.95",
+                                                "loss.self_training_start=1000"], "beyond PixelDA", False),
+}
+
+
+def finished_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if r.info.status == "FINISHED"]
+
+
+def run_row(name: str, overrides: list[str], seeds: list[int], args) -> None:
+    """Run one row's seeds side by side, one CPU thread each, and wait for all of them."""
+    processes = []
+    for seed in seeds:
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        command = [sys.executable, "-m", "pixelda.train", "data=mnist_mnistm_small", f"data.root={args.data_root}",
+                   "train.epochs=1000", f"train.max_minutes={args.minutes}", "train.progress=false", f"seed={seed}",
+                   f"tracking.uri={args.uri}", f"tracking.experiment={EXPERIMENT}", f"tracking.run_name={name}",
+                   f"hydra.run.dir=outputs/ablation/{slug}-s{seed}", *overrides]
+        if "mode=source_only" in overrides:
+            command[command.index("train.epochs=1000")] = "train.epochs=10"  # the classifier alone converges in seconds
+        print(f"running {name!r} seed {seed}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL))
+    for process in processes:
+        if process.wait() != 0:
+            print(f"{name!r} failed with exit status {process.returncode}", flush=True)
+
+
+def table(uri: str, minutes: float) -> str:
+    runs = finished_runs(uri)
+    lines = [f"| lever | group | runs | target validation % (best, mean +- std) | wall time (min, mean) | in the recipe |",
+             "|---|---|---|---|---|---|"]
+    for name, (overrides, group, in_recipe) in ROWS.items():
+        mine = [r for r in runs if r.info.run_name == name]
+        values = [r.data.metrics["val/best_target_acc"] for r in mine if "val/best_target_acc" in r.data.metrics]
+        minutes_taken = [(r.info.end_time - r.info.start_time) / 60000 for r in mine if r.info.end_time]
+        if values:
+            spread = f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+            wall = f"{statistics.mean(minutes_taken):.1f}"
+        else:
+            spread, wall = "not run", "-"
+        lines.append(f"| {name} | {group} | {len(values)} | {spread} | {wall} | {'yes' if in_recipe else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of each run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--uri", default=f"sqlite:///{REPO}/mlruns/mlflow.db")
+    parser.add_argument("--only", nargs="*", help="run only the rows whose names contain one of these strings")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run (the seeds run side by side)")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+
+    if not args.table_only:
+        for name, (overrides, _, _) in ROWS.items():
+            if args.only and not any(part in name for part in args.only):
+                continue
+            runs = finished_runs(args.uri)
+            missing = [s for s in args.seeds if not any(r.info.run_name == name and r.data.params.get("seed") == str(s) for r in runs)]
+            if missing:
+                run_row(name, overrides, missing, args)
+    print(table(args.uri, args.minutes))
+
+
+if __name__ == "__main__":
+    main()
