@@ -4,10 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 5000
+# Data and seed of `make reproduce`
+DATA_ROOT ?= ../shared/data
+SEED ?= 0
 # Extra Hydra overrides, e.g. make train ARGS="train.epochs=2"
 ARGS ?=
 
-.PHONY: install train test ui bench
+.PHONY: install train test ui bench reproduce
 
 install: $(STAMP)
 
@@ -29,3 +32,9 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
+
+# The cpu_hour recipe on DATA_ROOT, then the evaluate JSON line of its best checkpoint (last line).
+reproduce: $(STAMP)
+	$(PY) -m pixelda.train experiment=cpu_hour data.root=$(DATA_ROOT) seed=$(SEED) train.progress=false \
+		hydra.run.dir=outputs/reproduce/seed$(SEED) $(ARGS)
+	$(PY) -m pixelda.evaluate checkpoint=outputs/reproduce/seed$(SEED)/checkpoints/best.pt split=auto

@@ -35,7 +35,9 @@ def evaluate(cfg: DictConfig) -> dict:
     state = load_checkpoint(path)
     run_cfg = OmegaConf.create(state["config"])
     device = pick_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    # by default the precision the run scored its evaluations in, so best.pt reproduces its logged accuracy
+    precision = run_cfg.train.precision if cfg.precision == "checkpoint" else cfg.precision
+    dtype = resolve_precision(precision, device)
 
     classifier = build_networks(run_cfg.model)["T"]
     # a run with train.ema_decay evaluated its weight average, so score that one too
@@ -44,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     result: dict = {}
     if cfg.folder:
-        folder = Path(hydra.utils.to_absolute_path(os.path.expanduser(cfg.folder)))
+        folder = Path(hydra.utils.to_absolute_path(os.path.expanduser(cfg.folder))).resolve()
         if not folder.is_dir():
             raise UserError(f"folder not found: {folder}; pass folder=DIR holding mnist_m_test/ and mnist_m_test_labels.txt")
         split, part = load_mnistm_layout(folder, Path(os.path.expanduser(run_cfg.data.cache_dir)))
@@ -68,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     correct, count = count_correct(classifier, split, cfg.batch_size, device, dtype)
     log.info("%d of %d correct", correct, count)
-    return {"accuracy": 100.0 * correct / count, "count": count, "checkpoint": str(path), **result}
+    return {"accuracy": round(100.0 * correct / count, 4), "count": count, "checkpoint": str(path), **result}
 
 
 @hydra.main(config_path="../conf", config_name="evaluate")

@@ -108,11 +108,12 @@ def short(name: str) -> str:
 
 
 def render(rows: list[Row], keys: list[str], fmt: str) -> str:
-    header = ["rank", *[short(k) for k in keys], "runs", "val best %", "test at best %", "source at best %"]
+    # the objective first, so that a table with many varying params still reads from the left
+    header = ["rank", "val best %", "test at best %", "source at best %", "runs", *[short(k) for k in keys]]
     body = []
     for rank, row in enumerate(rows, start=1):
-        body.append([str(rank), *[_compact(row.params[k]) for k in keys], str(len(row.run_names)),
-                     mean_std(row.values["val"]), mean_std(row.values["test"]), mean_std(row.values["source"])])
+        body.append([str(rank), mean_std(row.values["val"]), mean_std(row.values["test"]), mean_std(row.values["source"]),
+                     str(len(row.run_names)), *[_compact(row.params[k]) for k in keys]])
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]

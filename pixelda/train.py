@@ -307,14 +307,17 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         step, history, best, run_id = state["step"], state["history"], state["best"], state.get("mlflow_run_id")
         loss_history = state.get("loss_history", [])
         restore_rng(state["rng"], device)
-        log.info("resumed from %s at step %d (epoch %d)", cfg.train.resume, step, step // steps_per_epoch)
+        log.info("resumed from %s at step %d (%d epochs done)", cfg.train.resume, step, step // steps_per_epoch)
         if step >= total_steps:
             log.warning("the checkpoint is at step %d, which is not below this run's %d steps; raise train.epochs "
                         "or train.max_steps to train further", step, total_steps)
 
     # tracking: reopen the resumed run when this store has it, else a new run that gets the history
     tracker, is_new_run = RunLogger.start(cfg, overrides, resume_run_id=run_id)
-    run_title = (cfg.tracking.run_name or run_name_from_overrides(overrides))[:90]
+    run_title = cfg.tracking.run_name or run_name_from_overrides(overrides)
+    if len(run_title) > 90:
+        # keep the end, where the overrides that tell runs of one multirun apart are
+        run_title = "..." + run_title[-87:]
     if not is_new_run:
         log.info("continuing MLflow run %s", tracker.run_id)
     for entry in history if is_new_run else []:
@@ -465,7 +468,11 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         log.warning("interrupted at step %d; resume with: python -m pixelda.train %s train.resume=%s",
                     step, " ".join(kept), (checkpoint_dir / "last.pt").resolve())
         sys.exit(130)
-    log.info("best target validation %.2f%% at step %d; checkpoints in %s", best["value"], best["step"], checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        log.info("best target validation %.2f%% at step %d; checkpoints in %s", best["value"], best["step"], checkpoint_dir)
+    else:
+        log.info("best target validation %.2f%% at step %d; no checkpoint written (no steps were left to train)",
+                 best["value"], best["step"])
     return best["value"]
 
 

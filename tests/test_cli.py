@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_cli, small_protocol_overrides, write_mnist_folder, write_mnistm_folder
@@ -164,6 +165,12 @@ def test_evaluate_shared_small_protocol(tmp_path, cache_dir, cli_overrides, shar
     assert_user_error(empty, "target_test", "split=target_val")
     val = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_val", cwd=tmp_path, cache_dir=cache_dir)
     assert json.loads(val.stdout)["count"] == 1000
+    # evaluate uses the run's precision by default, so at the run's eval batch size it reproduces the
+    # accuracy that selected best.pt (bf16 kernels may round differently at other batch sizes)
+    same_batch = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_val", "batch_size=64",
+                         cwd=tmp_path, cache_dir=cache_dir)
+    logged_best = torch.load(checkpoint, weights_only=True)["best"]["value"]
+    assert json.loads(same_batch.stdout)["accuracy"] == pytest.approx(logged_best, abs=1e-3)
     auto = json.loads(run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=auto", cwd=tmp_path, cache_dir=cache_dir).stdout)
     assert auto["split"] == "target_val"
     assert auto["accuracy"] == json.loads(val.stdout)["accuracy"]

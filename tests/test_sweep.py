@@ -149,10 +149,11 @@ def test_summary_sorts_by_objective(tmp_path, cache_dir, sweep_args):
     lines = result.stdout.strip().splitlines()
     assert "3 runs in 3 configurations" in lines[0]
     header = [c.strip() for c in lines[1].strip("|").split("|")]
-    assert header[:6] == ["rank", "loss.alpha", "loss.beta", "loss.g_loss_weight", "runs", "val best %"]
+    assert header[:2] == ["rank", "val best %"]
+    assert header[4:] == ["runs", "loss.alpha", "loss.beta", "loss.g_loss_weight"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:]]
     assert [r[0] for r in rows] == ["1", "2", "3"]
-    values = [float(r[5]) for r in rows]
+    values = [float(r[1]) for r in rows]
     assert values == sorted(values, reverse=True)
     study = load_study(tmp_path)
     assert values[0] == pytest.approx(study.best_value, abs=0.01)
@@ -170,8 +171,8 @@ def test_summary_groups_seeds(tmp_path, cache_dir):
     assert len(table) == 2
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[2] == "2"  # runs
-        assert "+-" in cells[3]  # mean +- std over the two seeds
+        assert cells[4] == "2"  # runs
+        assert "+-" in cells[1]  # mean +- std over the two seeds
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
