@@ -6,8 +6,8 @@
 Every row is `python -m pixelda.train` on the small MNIST -> MNIST-M protocol with the row's
 overrides, stopped by train.max_minutes, once per seed. The seeds of a row run side by side with
 one CPU thread each, so on a 2-core machine each run has one core for the budget. Runs are logged to the
-MLflow experiment `ablation` with the row name as run name; a row/seed pair that already has a
-finished run is not run again, so an interrupted ablation resumes. The table gives each row's best
+MLflow experiment `ablation` with the row name as run name. A row and seed that already have a
+finished run are not run again, so an interrupted ablation resumes. The table gives each row's best
 target-validation accuracy (mean +- std over seeds), its wall time and whether the recipe uses it.
 """
 
