@@ -39,36 +39,30 @@ def _image_axes(ax, picture: np.ndarray, title: Optional[str] = None) -> None:
         ax.set_title(title, fontsize=8)
 
 
-def save_translation_grid(source: torch.Tensor, translated: torch.Tensor, target: torch.Tensor,
-                          path: Path, title: str) -> Path:
-    """Save three labelled rows, source | G(source, z) | real target images, as one PNG."""
-    rows = [("source x_s", source), ("translated G(x_s, z)", translated), ("real target x_t", target)]
-    columns = source.shape[0]
-    fig, axes = plt.subplots(3, columns, figsize=(1.1 * columns + 1.2, 3.7), squeeze=False)
+def _save_image_rows(rows: Sequence[tuple[str, torch.Tensor]], path: Path, title: str, height: float) -> Path:
+    """Save one labelled row of images per (label, batch) pair as one PNG."""
+    columns = rows[0][1].shape[0]
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns + 1.2, height), squeeze=False)
     for r, (label, images) in enumerate(rows):
         pictures = to_display(images)
         for c in range(columns):
             _image_axes(axes[r][c], pictures[c])
-            if c == 0:
-                axes[r][c].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_translation_grid(source: torch.Tensor, translated: torch.Tensor, target: torch.Tensor,
+                          path: Path, title: str) -> Path:
+    """Save three labelled rows, source | G(source, z) | real target images, as one PNG."""
+    rows = [("source x_s", source), ("translated G(x_s, z)", translated), ("real target x_t", target)]
+    return _save_image_rows(rows, path, title, height=3.7)
 
 
 def save_data_preview(source: torch.Tensor, target: torch.Tensor, path: Path, title: str) -> Path:
     """Save source samples (top row) beside target samples (bottom row)."""
-    columns = source.shape[0]
-    fig, axes = plt.subplots(2, columns, figsize=(1.1 * columns + 1.2, 2.6), squeeze=False)
-    for r, (label, images) in enumerate((("source", source), ("target", target))):
-        pictures = to_display(images)
-        for c in range(columns):
-            _image_axes(axes[r][c], pictures[c])
-            if c == 0:
-                axes[r][c].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save_image_rows([("source", source), ("target", target)], path, title, height=2.6)
 
 
 def save_curves(loss_history: Sequence[dict], eval_history: Sequence[dict], path: Path, title: str) -> Path:

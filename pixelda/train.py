@@ -112,7 +112,7 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 def format_line(epoch: int, epochs: int, step: int, last: dict, mean: dict, metrics: dict, best: float, rate: float) -> str:
-    """Format the fixed-width epoch line; each loss shows the last log interval's value and the epoch's mean."""
+    """Format the fixed-width epoch line. Each loss shows the last log interval's value and the epoch's mean."""
     def pct(value: Optional[float]) -> str:
         return "   n/a " if value is None else f"{value:6.2f}%"
 
@@ -316,7 +316,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
     tracker, is_new_run = RunLogger.start(cfg, overrides, resume_run_id=run_id)
     run_title = cfg.tracking.run_name or run_name_from_overrides(overrides)
     if len(run_title) > 90:
-        # keep the end, where the overrides that tell runs of one multirun apart are
+        # keep the end, because the overrides that differ between runs of one multirun come last
         run_title = "..." + run_title[-87:]
     if not is_new_run:
         log.info("continuing MLflow run %s", tracker.run_id)
