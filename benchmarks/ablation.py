@@ -66,17 +66,28 @@ def finished_runs(uri: str) -> list:
     return [r for r in client.search_runs([experiment.experiment_id], max_results=10000) if r.info.status == "FINISHED"]
 
 
+def hydra_quoted(value: str) -> str:
+    """Quote a string for a Hydra override, so that spaces, brackets and commas stay part of the value."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def row_overrides(name: str, overrides: list[str], seed: int, data_root: str, minutes: float, uri: str,
+                  output_dir: str = "outputs/ablation") -> list[str]:
+    """Return the Hydra overrides of one row and seed for `python -m pixelda.train`."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    # the classifier alone converges in seconds, so source only stops after 10 epochs
+    epochs = 10 if "mode=source_only" in overrides else 1000
+    return ["data=mnist_mnistm_small", f"data.root={data_root}", f"train.epochs={epochs}", f"train.max_minutes={minutes}",
+            "train.progress=false", f"seed={seed}", f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}",
+            f"tracking.run_name={hydra_quoted(name)}", f"hydra.run.dir={output_dir}/{slug}-s{seed}", *overrides]
+
+
 def run_row(name: str, overrides: list[str], seeds: list[int], args) -> None:
     """Run one row's seeds side by side, one CPU thread each, and wait for all of them."""
     processes = []
     for seed in seeds:
-        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        command = [sys.executable, "-m", "pixelda.train", "data=mnist_mnistm_small", f"data.root={args.data_root}",
-                   "train.epochs=1000", f"train.max_minutes={args.minutes}", "train.progress=false", f"seed={seed}",
-                   f"tracking.uri={args.uri}", f"tracking.experiment={EXPERIMENT}", f"tracking.run_name={name}",
-                   f"hydra.run.dir=outputs/ablation/{slug}-s{seed}", *overrides]
-        if "mode=source_only" in overrides:
-            command[command.index("train.epochs=1000")] = "train.epochs=10"  # the classifier alone converges in seconds
+        command = [sys.executable, "-m", "pixelda.train",
+                   *row_overrides(name, overrides, seed, args.data_root, args.minutes, args.uri, args.output_dir)]
         print(f"running {name!r} seed {seed}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL))
@@ -109,6 +120,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--uri", default=f"sqlite:///{REPO}/mlruns/mlflow.db")
     parser.add_argument("--only", nargs="*", help="run only the rows whose names contain one of these strings")
+    parser.add_argument("--output-dir", default="outputs/ablation", help="folder of the runs' Hydra outputs and checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run (the seeds run side by side)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()

@@ -186,7 +186,10 @@ class TrainConfig:
     """Run G and T in NHWC (channels_last) order, which oneDNN's and cuDNN's convolutions prefer. D
     stays NCHW because its per-pixel noise and dropout are slower on NHWC tensors on the CPU."""
     compile: bool = False
-    """Compile G, D and T with torch.compile."""
+    """Compile G, D and T with torch.compile.
+
+    NOTE: on the 2-core CPU of docs/benchmarks.md it slowed the default bf16 step (71 against 81
+    images per second), so it is off by default. Its gain on CUDA has not been measured."""
     d_updates: int = 1
     """D updates per step (on the same batches)."""
     g_updates: int = 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from conftest import REPO, compose_config
 
 
 def test_quick_benchmark_reports_json(tmp_path):
@@ -23,3 +25,31 @@ def test_quick_benchmark_reports_json(tmp_path):
     assert "same math check" in result.stdout
     levers = summary["report"]["train"]["rates"]
     assert {"pixelda default", "notebook loop (baseline)", "pixelda, every lever off", "+ bf16 autocast"} <= set(levers)
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(load_ablation().ROWS))
+def test_ablation_row_composes(name, tmp_path):
+    ablation = load_ablation()
+    overrides = ablation.row_overrides(name, ablation.ROWS[name][0], 0, str(tmp_path), 1.0, "sqlite:///x.db")
+    cfg = compose_config([o for o in overrides if not o.startswith("hydra.")])
+    assert cfg.tracking.run_name == name
+    assert cfg.train.max_minutes == 1.0
+
+
+def test_ablation_runs_one_row(shared_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--data-root", str(shared_data),
+               "--minutes", "0.05", "--seeds", "0", "--only", "(base)", "--uri", uri, "--output-dir", str(tmp_path / "runs")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "failed" not in result.stdout, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| G and D with 32 filters (base)"))
+    assert "| 1 |" in row
+    assert "not run" not in row
