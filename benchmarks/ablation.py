@@ -82,8 +82,8 @@ def row_overrides(name: str, overrides: list[str], seed: int, data_root: str, mi
             f"tracking.run_name={hydra_quoted(name)}", f"hydra.run.dir={output_dir}/{slug}-s{seed}", *overrides]
 
 
-def run_row(name: str, overrides: list[str], seeds: list[int], args) -> None:
-    """Run one row's seeds side by side, one CPU thread each, and wait for all of them."""
+def run_row(name: str, overrides: list[str], seeds: list[int], args) -> int:
+    """Run one row's seeds side by side, one CPU thread each, wait for all of them and return how many failed."""
     processes = []
     for seed in seeds:
         command = [sys.executable, "-m", "pixelda.train",
@@ -91,9 +91,12 @@ def run_row(name: str, overrides: list[str], seeds: list[int], args) -> None:
         print(f"running {name!r} seed {seed}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL))
+    failures = 0
     for process in processes:
         if process.wait() != 0:
-            print(f"{name!r} failed with exit status {process.returncode}", flush=True)
+            failures += 1
+            print(f"{name!r} failed with exit status {process.returncode}; its error is printed above", flush=True)
+    return failures
 
 
 def table(uri: str, minutes: float) -> str:
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
 
+    failures = 0
     if not args.table_only:
         for name, (overrides, _, _) in ROWS.items():
             if args.only and not any(part in name for part in args.only):
@@ -132,8 +136,10 @@ def main() -> None:
             runs = finished_runs(args.uri)
             missing = [s for s in args.seeds if not any(r.info.run_name == name and r.data.params.get("seed") == str(s) for r in runs)]
             if missing:
-                run_row(name, overrides, missing, args)
+                failures += run_row(name, overrides, missing, args)
     print(table(args.uri, args.minutes))
+    if failures:
+        sys.exit(f"error: {failures} training run(s) failed; fix the error printed for each, then rerun to run only the missing rows")
 
 
 if __name__ == "__main__":
