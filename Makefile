@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 5000
-# Data and seed of `make reproduce`
+# Data, seed and recipe (a conf/experiment name) of `make reproduce`
 DATA_ROOT ?= ../shared/data
 SEED ?= 0
+RECIPE ?= cpu_hour
 # Extra Hydra overrides, e.g. make train ARGS="train.epochs=2"
 ARGS ?=
 
@@ -33,8 +34,8 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
 
-# The cpu_hour recipe on DATA_ROOT, then the evaluate JSON line of its best checkpoint (last line).
+# The RECIPE on DATA_ROOT, then the evaluate JSON line of its best checkpoint (last line).
 reproduce: $(STAMP)
-	$(PY) -m pixelda.train experiment=cpu_hour data.root=$(DATA_ROOT) seed=$(SEED) train.progress=false \
-		hydra.run.dir=outputs/reproduce/seed$(SEED) $(ARGS)
-	$(PY) -m pixelda.evaluate checkpoint=outputs/reproduce/seed$(SEED)/checkpoints/best.pt split=auto
+	$(PY) -m pixelda.train experiment=$(RECIPE) data.root=$(DATA_ROOT) seed=$(SEED) train.progress=false \
+		hydra.run.dir=outputs/reproduce/$(RECIPE)/seed$(SEED) $(ARGS)
+	$(PY) -m pixelda.evaluate checkpoint=outputs/reproduce/$(RECIPE)/seed$(SEED)/checkpoints/best.pt split=auto

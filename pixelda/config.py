@@ -200,7 +200,8 @@ class TrainConfig:
     """Clip each network's gradient to this global L2 norm; null turns clipping off."""
     lr_schedule: str = "constant"
     """constant, step (multiply by lr_decay_factor every lr_decay_steps steps) or cosine (to 0 at
-    the last step)."""
+    the last step, train.epochs x steps per epoch or train.max_steps). With train.max_minutes, set
+    train.max_steps to the steps that fit in the budget, or cosine hardly decays."""
     lr_decay_factor: float = 0.95
     """Factor of the step schedule."""
     lr_decay_steps: int = 20000

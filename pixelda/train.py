@@ -290,6 +290,11 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    if cfg.train.lr_schedule == "cosine" and cfg.train.max_minutes is not None and cfg.train.max_steps is None:
+        # The cosine horizon is a step count, and a wall-time budget usually stops the run long before it.
+        log.warning("train.lr_schedule=cosine decays to 0 at step %d (train.epochs x %d steps), but train.max_minutes=%s "
+                    "may stop the run long before; set train.max_steps to the steps that fit in the budget",
+                    total_steps, steps_per_epoch, cfg.train.max_minutes)
     as_input = batches.as_input
 
     # networks, optimizers and the update of one step (source_only and target_only train T alone)

@@ -43,6 +43,17 @@ def test_ablation_row_composes(name, tmp_path):
     assert cfg.train.max_minutes == 1.0
 
 
+def test_ablation_cosine_row_ends_inside_the_budget():
+    ablation = load_ablation()
+    name = next(n for n in ablation.ROWS if "cosine" in n)
+    for minutes in (15, 60):
+        overrides = ablation.row_overrides(name, ablation.ROWS[name][0], 0, "data", minutes, "sqlite:///x.db")
+        cfg = compose_config([o for o in overrides if not o.startswith("hydra.")])
+        assert cfg.train.lr_schedule == "cosine"
+        # the schedule reaches 0 at max_steps, which must come before the budget at the measured rate
+        assert cfg.train.max_steps == minutes * ablation.STEPS_PER_MINUTE
+
+
 def test_ablation_runs_one_row(shared_data, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--data-root", str(shared_data),
