@@ -43,14 +43,14 @@ def test_ablation_row_composes(name, tmp_path):
     assert cfg.train.max_minutes == 1.0
 
 
-def test_ablation_cosine_row_ends_inside_the_budget():
+def test_cosine_row_ends_within_budget():
     ablation = load_ablation()
     name = next(n for n in ablation.ROWS if "cosine" in n)
     for minutes in (15, 60):
         overrides = ablation.row_overrides(name, ablation.ROWS[name][0], 0, "data", minutes, "sqlite:///x.db")
         cfg = compose_config([o for o in overrides if not o.startswith("hydra.")])
         assert cfg.train.lr_schedule == "cosine"
-        # the schedule reaches 0 at max_steps, which must come before the budget at the measured rate
+        # The schedule reaches 0 at max_steps, which comes before the budget at the measured rate.
         assert cfg.train.max_steps == minutes * ablation.STEPS_PER_MINUTE
 
 

@@ -17,7 +17,7 @@ def test_recipe_composes(name):
     assert cfg.train.max_minutes is not None
 
 
-def test_cpu_hour_settings():
+def test_cpu_hour_values():
     cfg = compose_config(["experiment=cpu_hour"])
     assert cfg.data.name == "mnist_mnistm_small"
     assert cfg.model.generator.filters == 32
@@ -26,7 +26,7 @@ def test_cpu_hour_settings():
     assert cfg.loss.self_training_weight == 0
 
 
-def test_selftrain_recipe_adds_only_self_training():
+def test_selftrain_differs_only_in_selftraining():
     base = OmegaConf.to_container(compose_config(["experiment=cpu_hour"]), resolve=False)
     extended = OmegaConf.to_container(compose_config(["experiment=cpu_hour_selftrain"]), resolve=False)
     assert extended["loss"]["self_training_weight"] > 0
