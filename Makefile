@@ -4,10 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 5000
-# Data, seed and recipe (a conf/experiment name) of `make reproduce`
+# Data, seed and recipe (a conf/experiment name) of `make reproduce`; the default recipe is the
+# recommended one of the README (PixelDA plus self-training)
 DATA_ROOT ?= ../shared/data
 SEED ?= 0
-RECIPE ?= cpu_hour
+RECIPE ?= cpu_hour_selftrain
 # Extra Hydra overrides, e.g. make train ARGS="train.epochs=2"
 ARGS ?=
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, REPO, compose_config
 
 RECIPES = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -35,3 +38,14 @@ def test_selftrain_differs_only_in_selftraining():
         for key in ("self_training_weight", "self_training_threshold", "self_training_start"):
             config["loss"].pop(key)
     assert extended == base
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_reproduce_default_recipe():
+    printed = subprocess.run(["make", "-n", "reproduce", "SEED=3"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
+    train = next(line for line in printed.splitlines() if "-m pixelda.train" in line)
+    assert "experiment=cpu_hour_selftrain" in train
+    assert "seed=3" in train
+    assert printed.rstrip().splitlines()[-1].endswith(
+        "-m pixelda.evaluate checkpoint=outputs/reproduce/cpu_hour_selftrain/seed3/checkpoints/best.pt split=auto")
