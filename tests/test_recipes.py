@@ -43,7 +43,7 @@ def test_selftrain_differs_only_in_selftraining():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_reproduce_default_recipe():
-    # under `make test` the outer make exports MAKEFLAGS and MAKELEVEL, which add "Entering directory" lines
+    # Under `make test`, the outer make exports MAKEFLAGS and MAKELEVEL, which add "Entering directory" lines.
     env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     printed = subprocess.run(["make", "--no-print-directory", "-n", "reproduce", "SEED=3"], cwd=REPO, env=env,
                              capture_output=True, text=True, check=True).stdout
