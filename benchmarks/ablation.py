@@ -8,7 +8,8 @@ overrides, stopped by train.max_minutes, once per seed. The seeds of a row run s
 one CPU thread each, so on a 2-core machine each run has one core for the budget. Runs are logged to the
 MLflow experiment `ablation` with the row name as run name. A row and seed that already have a
 finished run are not run again, so an interrupted ablation resumes. The table gives each row's best
-target-validation accuracy (mean +- std over seeds), its wall time and whether the recipe uses it.
+target-validation accuracy (mean +- std over seeds), its step count, its wall time and whether the
+recipe uses it.
 """
 
 from __future__ import annotations
@@ -111,20 +112,31 @@ def run_row(name: str, overrides: list[str], seeds: list[int], args) -> int:
     return failures
 
 
+def last_step(client, run) -> int:
+    """Return the last step at which a run logged T's loss or the target-validation accuracy."""
+    steps = [m.step for key in ("train/loss_t", "val/target_acc") for m in client.get_metric_history(run.info.run_id, key)]
+    return max(steps, default=0)
+
+
 def table(uri: str, minutes: float) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
     runs = finished_runs(uri)
-    lines = [f"| lever | group | runs | target validation % (best, mean +- std) | wall time (min, mean) | in the recipe |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| lever | group | runs | target validation % (best, mean +- std) | steps (mean) | wall time (min, mean) "
+             "| in the recipe |",
+             "|---|---|---|---|---|---|---|"]
     for name, (overrides, group, in_recipe) in ROWS.items():
         mine = [r for r in runs if r.info.run_name == name]
         values = [r.data.metrics["val/best_target_acc"] for r in mine if "val/best_target_acc" in r.data.metrics]
         minutes_taken = [(r.info.end_time - r.info.start_time) / 60000 for r in mine if r.info.end_time]
         if values:
             spread = f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+            steps = f"{statistics.mean(last_step(client, r) for r in mine):,.0f}"
             wall = f"{statistics.mean(minutes_taken):.1f}"
         else:
-            spread, wall = "not run", "-"
-        lines.append(f"| {name} | {group} | {len(values)} | {spread} | {wall} | {'yes' if in_recipe else 'no'} |")
+            spread, steps, wall = "not run", "-", "-"
+        lines.append(f"| {name} | {group} | {len(values)} | {spread} | {steps} | {wall} | {'yes' if in_recipe else 'no'} |")
     return "\n".join(lines)
 
 

@@ -64,3 +64,5 @@ def test_ablation_runs_one_row(shared_data, tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("| G and D with 32 filters (base)"))
     assert "| 1 |" in row
     assert "not run" not in row
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert int(cells[4].replace(",", "")) > 0
