@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 5000
-# Data, seed and recipe (a conf/experiment name) of `make reproduce`; the default recipe is the
-# recommended one of the README (PixelDA plus self-training)
+# Data, seed and recipe (a conf/experiment name) of `make reproduce`. The default recipe is the
+# README's recommended one (PixelDA plus self-training).
 DATA_ROOT ?= ../shared/data
 SEED ?= 0
 RECIPE ?= cpu_hour_selftrain
