@@ -42,7 +42,7 @@ def test_selftrain_differs_only_in_selftraining():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_reproduce_default_recipe():
-    # Under `make test`, this make is a sub-make, which prints "Entering directory" lines unless told not to.
+    # Under `make test`, this make is a sub-make, which prints "Entering directory" lines by default.
     printed = subprocess.run(["make", "--no-print-directory", "-n", "reproduce", "SEED=3"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
     train = next(line for line in printed.splitlines() if "-m pixelda.train" in line)
