@@ -7,10 +7,16 @@ carries a docstring; the YAML files under conf/ only set values.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -256,6 +262,45 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Read the docstring under each field of a config dataclass from its source, as one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            # the first paragraph; later ones are notes for developers
+            docs[node.target.id] = " ".join(following.value.value.split("\n\n")[0].split())
+    return docs
+
+
+def key_reference(cls: type = None, prefix: str = "") -> list[tuple[str, str]]:
+    """List (dotted key, meaning) for every field of the schema, nested dataclasses included."""
+    cls = cls or Config
+    docs = field_docstrings(cls)
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for item in dataclasses.fields(cls):
+        key = prefix + item.name
+        if item.name in docs:
+            keys.append((key, docs[item.name]))
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys.extend(key_reference(hints[item.name], key + "."))
+    return keys
+
+
+def key_help() -> str:
+    """Format key_reference for `--help`: each key, then its meaning indented below it."""
+    lines = []
+    for key, meaning in key_reference():
+        lines.append(key)
+        lines.extend(textwrap.wrap(meaning, width=96, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
-    """Register the schema under the name that conf/train.yaml lists first in its defaults."""
+    """Register the schema under the name that conf/train.yaml lists first in its defaults, and the
+    pixelda_key_help resolver that conf/hydra/help/pixelda_train.yaml calls."""
     ConfigStore.instance().store(name="train_schema", node=Config)
+    OmegaConf.register_resolver("pixelda_key_help", key_help, replace=True)

@@ -375,18 +375,22 @@ def resolve_path(root: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else root / candidate
 
 
-def load_domain(domain_cfg, root: Path, cache_dir: Optional[Path], parts: set[str], source: Optional[dict] = None) -> dict[str, Part]:
-    """Read the requested parts of one domain with the reader that domain_cfg.format names."""
+def load_domain(domain_cfg, root: Path, cache_dir: Optional[Path], parts: set[str], source: Optional[dict] = None,
+                root_option: str = "data.root") -> dict[str, Part]:
+    """Read the requested parts of one domain with the reader that domain_cfg.format names.
+
+    root_option is the command-line key that sets root, named in the errors.
+    """
     fmt = domain_cfg.format
     if fmt == "mnist_idx":
         folder = resolve_path(root, domain_cfg.path)
         if not folder.is_dir():
-            raise UserError(f"MNIST folder not found: {folder}; set data.root (now {root}) or the domain path to the folder with the IDX files")
+            raise UserError(f"MNIST folder not found: {folder}; set {root_option} (now {root}) or the domain path to the folder with the IDX files")
         loaded = {part: read_mnist_idx(folder, part) for part in parts}
     elif fmt == "mnistm_folder":
         folder = resolve_path(root, domain_cfg.path)
         if not folder.is_dir():
-            raise UserError(f"MNIST-M folder not found: {folder}; set data.root (now {root}) or the domain path to the folder with mnist_m_test/")
+            raise UserError(f"MNIST-M folder not found: {folder}; set {root_option} (now {root}) or the domain path to the folder with mnist_m_test/")
         loaded = {part: read_mnistm_folder(folder, part, cache_dir) for part in parts}
     elif fmt == "pickle":
         available = read_pickle(resolve_path(root, domain_cfg.path))
@@ -435,7 +439,7 @@ def slice_split(parts: dict[str, Part], split_cfg, name: str, keep_labels: bool 
 SPLIT_NAMES = ("source_train", "source_test", "target_train", "target_val", "target_test")
 
 
-def _locations(data_cfg) -> tuple[Path, Optional[Path]]:
+def _locations(data_cfg, root_option: str = "data.root") -> tuple[Path, Optional[Path]]:
     """Return the absolute data root and the cache folder, checking that a needed root exists."""
     from hydra.utils import to_absolute_path
 
@@ -443,7 +447,7 @@ def _locations(data_cfg) -> tuple[Path, Optional[Path]]:
     cache_dir = Path(os.path.expanduser(data_cfg.cache_dir)) if data_cfg.cache_dir else None
     needs_root = {data_cfg.source.format, data_cfg.target.format} & {"mnist_idx", "mnistm_folder", "pickle"}
     if needs_root and not root.is_dir():
-        raise UserError(f"data folder not found: {root} (data.root={data_cfg.root}); set data.root to the folder that contains MNIST/ and mnist_m/")
+        raise UserError(f"data folder not found: {root} ({root_option}={data_cfg.root}); set {root_option} to the folder that contains MNIST/ and mnist_m/")
     return root, cache_dir
 
 
@@ -474,15 +478,20 @@ def build_splits(data_cfg, read_target_train_labels: bool = False) -> Splits:
     return splits
 
 
-def load_split(data_cfg, name: str) -> Split:
-    """Read only the domain part that one split needs and return that split with its labels."""
+def load_split(data_cfg, name: str, root_option: str = "data.root") -> Split:
+    """Read only the domain part that one split needs and return that split with its labels.
+
+    root_option is the command-line key that sets data_cfg.root, named in the errors.
+    """
     if name not in SPLIT_NAMES:
         raise UserError(f"unknown split '{name}'; use one of {', '.join(SPLIT_NAMES)}")
-    root, cache_dir = _locations(data_cfg)
+    root, cache_dir = _locations(data_cfg, root_option)
     split_cfg = data_cfg[name]
     parts = {split_cfg.part}
-    source = load_domain(data_cfg.source, root, cache_dir, parts) if name.startswith("source") or data_cfg.target.format == "mnistm_generated" else None
-    domain = source if name.startswith("source") else load_domain(data_cfg.target, root, cache_dir, parts, source=source)
+    needs_source = name.startswith("source") or data_cfg.target.format == "mnistm_generated"
+    source = load_domain(data_cfg.source, root, cache_dir, parts, root_option=root_option) if needs_source else None
+    domain = source if name.startswith("source") else load_domain(data_cfg.target, root, cache_dir, parts, source=source,
+                                                                   root_option=root_option)
     return slice_split(domain, split_cfg, name)
 
 

@@ -1,8 +1,7 @@
 """Score a trained T and print one JSON line: accuracy (percent), count (images scored), checkpoint.
 
-    python -m pixelda.evaluate checkpoint=outputs/runs/.../checkpoints/best.pt
+    python -m pixelda.evaluate checkpoint=outputs/runs/.../checkpoints/best.pt   # split=auto
     python -m pixelda.evaluate checkpoint=PATH split=target_val
-    python -m pixelda.evaluate checkpoint=PATH split=auto    # target test, or validation when test is empty
     python -m pixelda.evaluate checkpoint=PATH folder=/data/mnist_m
 
 Without folder=, the split comes from the data preset stored in the checkpoint (data_root=DIR points
@@ -21,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pixelda.checkpoint import load_checkpoint
-from pixelda.data import load_mnistm_layout, load_split
+from pixelda.data import SPLIT_NAMES, load_mnistm_layout, load_split
 from pixelda.errors import UserError, report_user_errors
 from pixelda.model import build_networks
 from pixelda.runtime import count_correct, pick_device, resolve_precision
@@ -53,18 +52,20 @@ def evaluate(cfg: DictConfig) -> dict:
         result["folder"] = str(folder)
         result["part"] = part
     else:
+        if cfg.split != "auto" and cfg.split not in SPLIT_NAMES:
+            raise UserError(f"unknown split '{cfg.split}'; use auto or one of {', '.join(SPLIT_NAMES)}")
         if cfg.data_root:
             run_cfg.data.root = cfg.data_root
         name = "target_test" if cfg.split == "auto" else cfg.split
-        split = load_split(run_cfg.data, name)
+        split = load_split(run_cfg.data, name, root_option="data_root")
         if len(split) == 0 and cfg.split == "auto":
             log.warning("the target test split is empty under %s, so target validation is scored", run_cfg.data.root)
             name = "target_val"
-            split = load_split(run_cfg.data, name)
+            split = load_split(run_cfg.data, name, root_option="data_root")
         if len(split) == 0:
             raise UserError(
                 f"split {name} of data={run_cfg.data.name} is empty under {run_cfg.data.root}; "
-                "pass split=target_val, or folder=DIR to score an MNIST-M folder"
+                "pass split=auto or split=target_val, or folder=DIR to score an MNIST-M folder"
             )
         result["split"] = name
 

@@ -81,7 +81,10 @@ def random_like(x: torch.Tensor, kind: str) -> torch.Tensor:
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads < 2 or x.numel() < PARALLEL_RANDOM_MIN_ELEMENTS:
+    # under torch.compile the thread pool would break the graph, and Dynamo would recompile for
+    # every new list of seeds, so the compiled graph draws the numbers itself
+    if (x.device.type != "cpu" or threads < 2 or x.numel() < PARALLEL_RANDOM_MIN_ELEMENTS
+            or torch.compiler.is_compiling()):
         return out.normal_() if kind == "normal" else out.uniform_()
     if _random_pool is None or _random_pool._max_workers != threads:
         _random_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pixelda-random")

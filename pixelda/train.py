@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -256,7 +257,9 @@ def load_data(cfg: DictConfig, device: torch.device) -> Splits:
 
 
 def checkpoint_state(cfg: DictConfig, parts: TrainingParts, step: int, steps_per_epoch: int,
-                     history: list, best: dict, device: torch.device, run_id: str, loss_history: list) -> dict:
+                     history: list, best: dict, device: torch.device, run_id: str, loss_history: list,
+                     epoch_stats: Optional[dict] = None) -> dict:
+    """Collect what a resumed run needs. epoch_stats contains the current epoch's loss sums and step count."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -268,6 +271,7 @@ def checkpoint_state(cfg: DictConfig, parts: TrainingParts, step: int, steps_per
         "best": best,
         "rng": capture_rng(device),
         "mlflow_run_id": run_id,
+        "epoch_stats": epoch_stats,
     }
 
 
@@ -303,6 +307,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
 
     # resume: weights, optimizer moments, step, metrics history and RNG states
     step, history, loss_history, best, run_id = 0, [], [], {"value": -1.0, "step": -1}, None
+    resumed_epoch_stats = None
     if cfg.train.resume:
         state = load_checkpoint(cfg.train.resume)
         check_same_model(state, OmegaConf.to_container(cfg.model, resolve=True), cfg.train.resume)
@@ -311,6 +316,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         parts.load_state(state)
         step, history, best, run_id = state["step"], state["history"], state["best"], state.get("mlflow_run_id")
         loss_history = state.get("loss_history", [])
+        resumed_epoch_stats = state.get("epoch_stats")
         restore_rng(state["rng"], device)
         log.info("resumed from %s at step %d (%d epochs done)", cfg.train.resume, step, step // steps_per_epoch)
         if step >= total_steps:
@@ -347,7 +353,9 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         tracker.log_artifact(preview, "figures")
 
     def save_state(name: str) -> None:
-        state = checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id, loss_history)
+        epoch_stats = None if epoch_sums is None else {"sums": epoch_sums.tolist(), "steps": epoch_steps}
+        state = checkpoint_state(cfg, parts, step, steps_per_epoch, history, best, device, tracker.run_id, loss_history,
+                                 epoch_stats)
         save_checkpoint(state, checkpoint_dir / name)
 
     def evaluate_now() -> dict:
@@ -377,6 +385,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
 
     status = "FAILED"
     out_of_time = False
+    epoch_sums, epoch_steps = None, 0
     # the budget covers everything from here on; the last evaluation and checkpoint may run past it
     time_budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60
     try:
@@ -388,7 +397,13 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                 epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
                 sums = torch.zeros(len(STAT_NAMES), device=device)
                 epoch_sums = torch.zeros(len(STAT_NAMES), device=device)
-                interval, epoch_steps, last, started = 0, 0, {}, time.perf_counter()
+                epoch_steps = 0
+                if resumed_epoch_stats is not None and step % steps_per_epoch != 0:
+                    # resumed mid-epoch: the epoch mean also covers the steps before the stop
+                    epoch_sums += torch.tensor(resumed_epoch_stats["sums"], device=device)
+                    epoch_steps = resumed_epoch_stats["steps"]
+                resumed_epoch_stats = None
+                interval, timed_steps, last, started = 0, 0, {}, time.perf_counter()
                 bar = tqdm(total=epoch_end - step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                            disable=None if cfg.train.progress else True, dynamic_ncols=True)
 
@@ -403,6 +418,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                     step += 1
                     interval += 1
                     epoch_steps += 1
+                    timed_steps += 1
                     bar.update(1)
                     if time_budget is not None and time.perf_counter() - run_started > time_budget:
                         out_of_time = True
@@ -426,7 +442,7 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                     break  # stopped by a signal mid-epoch: save, but do not evaluate
 
                 # evaluate in eval mode at the end of each epoch (and at the final step), then checkpoint
-                rate = epoch_steps * batch_size / max(time.perf_counter() - started, 1e-9)
+                rate = timed_steps * batch_size / max(time.perf_counter() - started, 1e-9)
                 metrics = evaluate_now()
                 metrics["train/images_per_sec"] = rate
                 history.append({"epoch": step / steps_per_epoch, "step": step, **metrics})
@@ -472,7 +488,8 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
         kept = [o for o in overrides if not o.startswith("train.resume=")]
         log.warning("interrupted at step %d; resume with: python -m pixelda.train %s train.resume=%s",
                     step, " ".join(kept), (checkpoint_dir / "last.pt").resolve())
-        sys.exit(130)
+        # the shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM
+        sys.exit(128 + signal.Signals[stop.signal_name].value)
     if checkpoint_dir.is_dir():
         log.info("best target validation %.2f%% at step %d; checkpoints in %s", best["value"], best["step"], checkpoint_dir)
     else:

@@ -70,7 +70,7 @@ def translate(cfg: DictConfig) -> int:
     if source in SPLIT_NAMES:
         if cfg.data_root:
             run_cfg.data.root = cfg.data_root
-        split = load_split(run_cfg.data, source)
+        split = load_split(run_cfg.data, source, root_option="data_root")
         count = len(split) if cfg.limit is None else min(cfg.limit, len(split))
         images = split.images[:count]
         names = [f"{source}_{i:05d}_label{int(split.labels[i])}.png" for i in range(count)]

@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_cli, small_protocol_overrides, write_mnist_folder, write_mnistm_folder
+from pixelda.config import key_reference
 
 
 @pytest.fixture
@@ -26,6 +27,20 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert "Traceback" not in output, output
     for fragment in fragments:
         assert fragment in output, output
+
+
+def test_train_help_lists_key_meanings(tmp_path, cache_dir):
+    result = run_cli("pixelda.train", "--help", cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "model: resnet3, resnet6, tiny" in lines
+    # each key is followed by the first paragraph of its docstring in pixelda/config.py
+    for key, meaning in key_reference():
+        assert key in lines, key
+        following = " ".join(line.strip() for line in lines[lines.index(key) + 1:lines.index(key) + 4])
+        assert following.startswith(meaning[:60]), key
+    assert "loss.g_loss_weight" in lines
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_train_cli_writes_run(tmp_path, cache_dir, cli_overrides):
@@ -85,7 +100,8 @@ def test_checkpoint_from_other_model_size(tmp_path, cache_dir, cli_overrides):
     assert_user_error(result, "model=tiny", "model=resnet3", str(checkpoint))
 
 
-def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, cli_overrides):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_resumes(tmp_path, cache_dir, cli_overrides, signum, status):
     overrides = [o for o in cli_overrides if not o.startswith("train.max_steps")] + ["train.epochs=1000"]
     env_cmd = [sys.executable, "-m", "pixelda.train", *overrides]
     import os
@@ -106,9 +122,9 @@ def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, cli_overrides):
             run = runs[0]
             break
     assert run is not None, "training did not start"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
+    assert process.returncode == status, output
     assert "Traceback" not in output, output
     assert "resume with" in output
 
@@ -161,8 +177,12 @@ def test_evaluate_shared_small_protocol(tmp_path, cache_dir, cli_overrides, shar
     assert trained.returncode == 0, trained.stderr
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
 
-    empty = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", cwd=tmp_path, cache_dir=cache_dir)
-    assert_user_error(empty, "target_test", "split=target_val")
+    empty = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_test", cwd=tmp_path, cache_dir=cache_dir)
+    assert_user_error(empty, "target_test", "split=auto")
+    misspelled = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_tst", cwd=tmp_path, cache_dir=cache_dir)
+    assert_user_error(misspelled, "target_tst", "auto")
+    moved = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", f"data_root={tmp_path / 'nodata'}", cwd=tmp_path, cache_dir=cache_dir)
+    assert_user_error(moved, "nodata", "set data_root")
     val = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=target_val", cwd=tmp_path, cache_dir=cache_dir)
     assert json.loads(val.stdout)["count"] == 1000
     # evaluate uses the run's precision by default, so at the run's eval batch size it reproduces the
@@ -171,8 +191,8 @@ def test_evaluate_shared_small_protocol(tmp_path, cache_dir, cli_overrides, shar
                          cwd=tmp_path, cache_dir=cache_dir)
     logged_best = torch.load(checkpoint, weights_only=True)["best"]["value"]
     assert json.loads(same_batch.stdout)["accuracy"] == pytest.approx(logged_best, abs=1e-3)
-    auto = json.loads(run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", "split=auto", cwd=tmp_path, cache_dir=cache_dir).stdout)
-    assert auto["split"] == "target_val"
+    auto = json.loads(run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", cwd=tmp_path, cache_dir=cache_dir).stdout)
+    assert auto["split"] == "target_val"  # split=auto is the default
     assert auto["accuracy"] == json.loads(val.stdout)["accuracy"]
     folder = run_cli("pixelda.evaluate", f"checkpoint={checkpoint}", f"folder={shared_data / 'mnist_m'}", cwd=tmp_path, cache_dir=cache_dir)
     assert json.loads(folder.stdout)["count"] == 7000
