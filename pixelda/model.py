@@ -79,12 +79,15 @@ def random_like(x: torch.Tensor, kind: str) -> torch.Tensor:
     global _random_pool
     # PyTorch's CPU generator fills float32 faster than bfloat16
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+    if torch.compiler.is_compiling():
+        # the compiled graph draws the numbers itself: the thread pool below would break the graph,
+        # and Dynamo would then compile the rest again for every tensor shape
+        if kind == "normal":
+            return torch.randn(x.shape, dtype=dtype, device=x.device)
+        return torch.rand(x.shape, dtype=dtype, device=x.device)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     threads = torch.get_num_threads()
-    # under torch.compile the thread pool would break the graph, and Dynamo would recompile for
-    # every new list of seeds, so the compiled graph draws the numbers itself
-    if (x.device.type != "cpu" or threads < 2 or x.numel() < PARALLEL_RANDOM_MIN_ELEMENTS
-            or torch.compiler.is_compiling()):
+    if x.device.type != "cpu" or threads < 2 or x.numel() < PARALLEL_RANDOM_MIN_ELEMENTS:
         return out.normal_() if kind == "normal" else out.uniform_()
     if _random_pool is None or _random_pool._max_workers != threads:
         _random_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pixelda-random")

@@ -64,3 +64,13 @@ def test_init_normal_002_zero_bias():
     assert torch.count_nonzero(linear.bias) == 0
     bn = nets["G"].stem[1]
     assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+
+
+def test_discriminator_compiles_without_graph_breaks():
+    # In eager mode D's noise and dropout fill large CPU tensors from a thread pool. Under
+    # torch.compile they must stay inside the graph, or Dynamo recompiles for every shape.
+    torch._dynamo.reset()
+    D = Discriminator(filters=64).train()
+    explanation = torch._dynamo.explain(D)(torch.randn(64, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
