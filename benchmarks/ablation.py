@@ -51,6 +51,8 @@ ROWS: dict[str, tuple[list[str], str, bool]] = {
     "+ least-squares GAN loss": (FAST + ["loss.gan=lsgan"], "GAN", False),
     "+ hinge GAN loss": (FAST + ["loss.gan=hinge"], "GAN", False),
     "+ D learning rate 2e-4": (FAST + ["net_optimizer.D.lr=0.0002"], "optimisation", False),
+    "+ G and D Adam betas (0, 0.9)": (FAST + ["net_optimizer.G.betas=[0.0,0.9]", "net_optimizer.D.betas=[0.0,0.9]"],
+                                      "optimisation", False),
     "+ batch size 64": (FAST + ["train.batch_size=64"], "optimisation", False),
     "+ 2 T updates per step": (FAST + ["train.t_updates=2"], "optimisation", False),
     "+ EMA of G and T (0.999)": (FAST + ["train.ema_decay=0.999"], "optimisation", False),

@@ -275,7 +275,7 @@ def field_docstrings(cls: type) -> dict[str, str]:
     return docs
 
 
-def key_reference(cls: type = None, prefix: str = "") -> list[tuple[str, str]]:
+def key_reference(cls: Optional[type] = None, prefix: str = "") -> list[tuple[str, str]]:
     """List (dotted key, meaning) for every field of the schema, nested dataclasses included."""
     cls = cls or Config
     docs = field_docstrings(cls)
