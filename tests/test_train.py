@@ -86,7 +86,8 @@ def test_resume_matches_uninterrupted_run(tiny_overrides, tmp_path):
         for key in a["nets"][net]:
             assert torch.equal(a["nets"][net][key], b["nets"][net][key]), f"{net}.{key} differs after resuming"
     # the epoch is still running at step 4, so its loss means cover steps 1 to 4 in both runs
-    assert b["epoch_stats"]["steps"] == a["epoch_stats"]["steps"] == 4
+    assert a["epoch_stats"]["steps"] == 4
+    assert b["epoch_stats"]["steps"] == 4
     assert b["epoch_stats"]["sums"] == pytest.approx(a["epoch_stats"]["sums"], rel=1e-6)
 
 
