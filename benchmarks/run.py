@@ -12,6 +12,7 @@ from __future__ import annotations
 import pixelda  # noqa: F401  (first, so that its runtime settings apply before torch loads)
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebook_baseline import (  # noqa: E402
@@ -40,6 +42,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import pixelda.train  # noqa: E402,F401  (registers the config schema)
 from pixelda.data import Split, build_splits, read_embedded_mnist, to_chw32, to_model_input  # noqa: E402
+from pixelda.model import MaxPool2x2  # noqa: E402
 from pixelda.runtime import accuracy, pick_device, resolve_precision  # noqa: E402
 from pixelda.train import StepInputs, build_training  # noqa: E402
 
@@ -294,11 +297,27 @@ def bench_preprocess(args) -> dict:
             "bytes_per_image": {"pil_float": pil[0].numel() * 4, "pixelda_uint8": stored[0].numel()}}
 
 
+def with_reference_pooling(T: nn.Module) -> nn.Module:
+    """Copy T with the notebook's pooling: ReLU, then max_pool2d with its argmax indices."""
+    T = copy.deepcopy(T)
+    layers = list(T.features)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, MaxPool2x2):
+            layers[i] = nn.MaxPool2d(2)
+            if i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    T.features = nn.Sequential(*layers)
+    return T
+
+
 def bench_eval(args, device: torch.device) -> dict:
-    """Target-test evaluation: pixelda's accuracy() against a DataLoader loop in eval mode.
+    """Time target-test evaluation: pixelda's accuracy() against a DataLoader loop in eval mode.
+
+    Each evaluation lever is also timed alone on top of pixelda's loop with every lever off, and
+    left out of the default.
 
     T is first trained for a few source-only steps, so that its predictions are not near-ties and
-    the two accuracies show what bf16 changes.
+    the accuracies show what bf16 changes.
     """
     cfg = compose_config(["mode=source_only"] + (["model=tiny"] if args.quick else []))
     splits = build_splits(cfg.data)
@@ -320,22 +339,44 @@ def bench_eval(args, device: torch.device) -> dict:
     split = Split(images.to(device), labels.to(device))
     float_images = to_model_input(images)
 
-    def ours():
-        return accuracy(T, split, cfg.train.eval_batch_size, device, amp_dtype)
+    # a lever's gain can depend on the others, so each is measured alone on top of every lever off
+    # and as the one lever left out of the default
+    big, bf16 = cfg.train.eval_batch_size, amp_dtype or torch.bfloat16
+    nets = {(False, False): with_reference_pooling(T).to(memory_format=torch.contiguous_format),
+            (False, True): copy.deepcopy(T).to(memory_format=torch.contiguous_format)}
+    nets[(True, False)] = nets[(False, False)].to(memory_format=torch.channels_last)
+    nets[(True, True)] = nets[(False, True)].to(memory_format=torch.channels_last)
 
-    def notebook():
-        return notebook_accuracy(notebook_T, float_images, labels, device=device)
+    def evaluation(batch: int, dtype, nhwc: bool, fast_pool: bool) -> Callable[[], float]:
+        return lambda: accuracy(nets[(nhwc, fast_pool)], split, batch, device, dtype)
 
-    timings = {"pixelda": [], "notebook": []}
+    default = dict(batch=big, dtype=bf16, nhwc=True, fast_pool=True)
+    off = dict(batch=32, dtype=None, nhwc=False, fast_pool=False)
+    levers = {f"batch {big}": "batch", "bf16 weights and inputs": "dtype", "channels_last": "nhwc", "pooling without indices": "fast_pool"}
+    variants = {"pixelda default": lambda: accuracy(T, split, big, device, amp_dtype),
+                "DataLoader loop (baseline)": lambda: notebook_accuracy(notebook_T, float_images, labels, device=device),
+                "pixelda, every lever off": evaluation(**off)}
+    for name, key in levers.items():
+        variants[f"+ {name}"] = evaluation(**{**off, key: default[key]})
+    for name, key in levers.items():
+        variants[f"default without {name}"] = evaluation(**{**default, key: off[key]})
+
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    accuracies = {}
     for _ in range(args.repeats):
-        for name, fn in (("notebook", notebook), ("pixelda", ours)):
+        for name, fn in variants.items():
             started = time.perf_counter()
-            fn()
+            accuracies[name] = fn()
             sync(device)
-            timings[name].append(len(labels) / (time.perf_counter() - started))
-    ours_rate, notebook_rate = statistics.median(timings["pixelda"]), statistics.median(timings["notebook"])
-    return {"images": len(labels), "pixelda_images_per_sec": ours_rate, "notebook_images_per_sec": notebook_rate,
-            "speedup": ours_rate / notebook_rate, "pixelda_accuracy": ours(), "notebook_accuracy": notebook(),
+            rates[name].append(len(labels) / (time.perf_counter() - started))
+    result = {name: summarize(values) for name, values in rates.items()}
+    baseline = result["DataLoader loop (baseline)"]["median"]
+    for name in result:
+        result[name]["ratio"] = result[name]["median"] / baseline
+        result[name]["accuracy"] = accuracies[name]
+    ours = result["pixelda default"]
+    return {"images": len(labels), "rates": result, "pixelda_images_per_sec": ours["median"], "notebook_images_per_sec": baseline,
+            "speedup": ours["ratio"], "pixelda_accuracy": ours["accuracy"], "notebook_accuracy": accuracies["DataLoader loop (baseline)"],
             "pixelda_settings": f"batch {cfg.train.eval_batch_size}, precision {cfg.train.precision}, channels_last {cfg.train.channels_last}"}
 
 
@@ -374,9 +415,9 @@ def print_table(report: dict) -> None:
           f"-> {p['speedup']:.1f}x; with the scaling of every batch ({p['batch_scaling_seconds']:.3f} s) "
           f"{p['speedup_with_batch_scaling']:.1f}x; max abs. difference {p['max_abs_difference']:.4f} on the [-1, 1] scale")
     e = report["eval"]
-    print(f"\nevaluation of {e['images']} target images: DataLoader loop {e['notebook_images_per_sec']:.0f} images/s, "
-          f"pixelda {e['pixelda_images_per_sec']:.0f} images/s -> {e['speedup']:.1f}x "
-          f"(accuracy {e['notebook_accuracy']:.2f}% vs {e['pixelda_accuracy']:.2f}%)")
+    print(f"\nevaluation of {e['images']} target images: images/s, median of {report['repeats']} repeats (min-max), accuracy")
+    for name, r in e["rates"].items():
+        print(f"  {name:<40} {r['median']:8.0f}  ({r['min']:.0f}-{r['max']:.0f})  {r['ratio']:5.2f}x  {r['accuracy']:.2f}%")
     if "memory" in report:
         for kind, m in report["memory"].items():
             extra = f", CUDA max allocated {m['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in m else ""

@@ -157,6 +157,24 @@ class Discriminator(nn.Module):
         return self.classifier(h).squeeze(1)  # B
 
 
+class MaxPool2x2(nn.MaxPool2d):
+    """2x2 max pooling with stride 2.
+
+    Without autograd (evaluation) it takes the maximum of the four strided views of each 2x2 window,
+    the same values as max_pool2d minus the argmax indices, which only the backward pass needs.
+    """
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # max_pool2d drops an odd last row or column
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # B x C x H/2 x W
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])  # B x C x H/2 x W/2
+
+
 class Classifier(nn.Module):
     """T: two 5x5 conv layers with max pooling, then three fully connected layers.
 
@@ -176,16 +194,19 @@ class Classifier(nn.Module):
         def norm1d(features: int) -> list[nn.Module]:
             return [nn.BatchNorm1d(features)] if batchnorm else []
 
+        def relu_and_pool() -> list[nn.Module]:
+            # ReLU commutes with max pooling (same values and gradients), so without BatchNorm in
+            # between it runs after the pool, on a quarter of the elements
+            return [nn.ReLU(inplace=True), MaxPool2x2()] if batchnorm else [MaxPool2x2(), nn.ReLU(inplace=True)]
+
         self.first = nn.Conv2d(3, conv1, 5, padding=2)  # translated and target images
         self.first_source = nn.Conv2d(3, conv1, 5, padding=2) if private_first_layer else None
         self.features = nn.Sequential(
             *norm2d(conv1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 16 x 16
+            *relu_and_pool(),  # 16 x 16
             nn.Conv2d(conv1, conv2, 5, padding=2),
             *norm2d(conv2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 8 x 8
+            *relu_and_pool(),  # 8 x 8
         )
         side = image_size // 4
         self.head = nn.Sequential(

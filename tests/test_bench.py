@@ -25,6 +25,10 @@ def test_quick_benchmark_reports_json(tmp_path):
     assert "same math check" in result.stdout
     levers = summary["report"]["train"]["rates"]
     assert {"pixelda default", "notebook loop (baseline)", "pixelda, every lever off", "+ bf16 autocast"} <= set(levers)
+    evaluations = summary["report"]["eval"]["rates"]
+    assert {"pixelda default", "DataLoader loop (baseline)", "+ pooling without indices", "default without channels_last"} <= set(evaluations)
+    # the same fp32 convolutions with either pooling give the same predictions
+    assert evaluations["+ pooling without indices"]["accuracy"] == evaluations["pixelda, every lever off"]["accuracy"]
 
 
 def load_ablation():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import compose_config
-from pixelda.model import Classifier, Discriminator, Generator, build_networks
+from pixelda.model import Classifier, Discriminator, Generator, MaxPool2x2, build_networks
 
 
 def test_shapes_and_ranges():
@@ -74,3 +74,35 @@ def test_discriminator_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(D)(torch.randn(64, 3, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_pool_without_autograd_matches_max_pool2d():
+    pool = MaxPool2x2()
+    for shape, layout, dtype in (((4, 8, 32, 32), torch.channels_last, torch.bfloat16),
+                                 ((3, 5, 17, 15), torch.contiguous_format, torch.float32)):
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+        x[0, 0, :2, :2] = 1.0  # a window of ties
+        with torch.inference_mode():
+            fast = pool(x)
+        assert torch.equal(fast, torch.nn.functional.max_pool2d(x, 2))
+
+    # with autograd the indices of max_pool2d route the gradient to one element per window
+    x = torch.ones(1, 1, 2, 2, requires_grad=True)
+    pool(x).sum().backward()
+    assert x.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_classifier_pools_before_relu_with_the_same_result():
+    torch.manual_seed(0)
+    T = Classifier(dropout=0.0)
+    x = torch.randn(6, 3, 32, 32, requires_grad=True)
+    reference = torch.nn.functional.max_pool2d(torch.relu(T.first(x)), 2)
+    reference = torch.nn.functional.max_pool2d(torch.relu(T.features[2](reference)), 2)
+    reference = T.head(reference.flatten(1))
+    grad_reference = torch.autograd.grad(reference.square().sum(), x)[0]
+    out = T(x)
+    assert torch.equal(out, reference)
+    assert torch.equal(torch.autograd.grad(out.square().sum(), x)[0], grad_reference)
+    T.eval()
+    with torch.inference_mode():
+        assert torch.equal(T(x.detach()), reference.detach())
