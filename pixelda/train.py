@@ -425,8 +425,10 @@ def train(cfg: DictConfig, overrides: Optional[list[str]] = None) -> float:
                         log.warning("stopping at step %d: train.max_minutes=%s is used up", step, cfg.train.max_minutes)
                         tracker.set_tags({"pixelda.stopped_by": "train.max_minutes"})
 
-                    # logging: one device sync per interval, which is also where divergence is caught
-                    if interval == cfg.train.log_every or step == epoch_end or out_of_time or stop.signal_name:
+                    # logging: one device sync per interval, which is also where divergence is caught.
+                    # Intervals end at multiples of log_every, so that a resumed run logs at the same
+                    # steps as an uninterrupted one. An epoch's end and a stop also close an interval.
+                    if step % cfg.train.log_every == 0 or step == epoch_end or out_of_time or stop.signal_name:
                         values = (sums / interval).tolist()
                         if not all(math.isfinite(v) for v in values):
                             listed = ", ".join(f"{n}={v:.4g}" for n, v in zip(STAT_NAMES, values))
