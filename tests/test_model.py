@@ -92,7 +92,7 @@ def test_pool_without_autograd_matches_max_pool2d():
     assert x.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
-def test_classifier_pools_before_relu_with_the_same_result():
+def test_classifier_relu_after_pool_unchanged():
     torch.manual_seed(0)
     T = Classifier(dropout=0.0)
     x = torch.randn(6, 3, 32, 32, requires_grad=True)
