@@ -182,7 +182,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     """Images per forward pass during evaluation (larger batches were slower on a 2-core CPU)."""
     log_every: int = 50
-    """Log train/... metrics (means since the previous log) at every multiple of this many steps, and at each epoch's end."""
+    """Step interval of the train/... metric logs, which fall on its multiples and on each epoch's end (means since the previous log)."""
     grid_size: int = 8
     """Source images in the source | translated | target grid logged at each evaluation."""
     precision: str = "auto"

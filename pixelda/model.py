@@ -160,8 +160,8 @@ class Discriminator(nn.Module):
 class MaxPool2x2(nn.MaxPool2d):
     """2x2 max pooling with stride 2.
 
-    Without autograd (evaluation) it takes the maximum of the four strided views of each 2x2 window,
-    the same values as max_pool2d minus the argmax indices, which only the backward pass needs.
+    Without autograd (evaluation) it takes the maximum of four strided views, one per position in
+    the window. That gives max_pool2d's values without the argmax indices, which only backward needs.
     """
 
     def __init__(self):

@@ -75,7 +75,7 @@ def test_resume_continues_step_count(tiny_overrides, tmp_path):
 
 
 def test_logs_at_multiples_of_log_every(tiny_overrides, tmp_path):
-    # 64 images at batch 8 make 8 steps per epoch; logs fall on multiples of 3 and on each epoch's end
+    # 64 images at batch 8 make 8 steps per epoch. Logs fall on multiples of 3 and on each epoch's end.
     overrides = tiny_overrides + ["train.log_every=3"]
     train(compose_config(overrides + ["train.max_steps=4"]))
     train(compose_config(overrides + ["train.max_steps=7", f"train.resume={tmp_path}/checkpoints/last.pt",
@@ -86,9 +86,9 @@ def test_logs_at_multiples_of_log_every(tiny_overrides, tmp_path):
     client, run = only_run(tmp_path)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_t")]
     assert steps == [3, 4, 6, 7]  # stopped at 4 by max_steps, then resumed up to 7
-    other = MlflowClient(f"sqlite:///{tmp_path}/other.db")
-    (two_epochs,) = other.search_runs([other.get_experiment_by_name("pixelda").experiment_id])
-    steps = [m.step for m in other.get_metric_history(two_epochs.info.run_id, "train/loss_t")]
+    two_epoch_store = MlflowClient(f"sqlite:///{tmp_path}/other.db")
+    (two_epochs,) = two_epoch_store.search_runs([two_epoch_store.get_experiment_by_name("pixelda").experiment_id])
+    steps = [m.step for m in two_epoch_store.get_metric_history(two_epochs.info.run_id, "train/loss_t")]
     assert steps == [3, 6, 8, 9, 12, 15, 16]
 
 
